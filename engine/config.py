@@ -1,0 +1,580 @@
+"""The typed recipe: YAML -> dataclasses, ``--options`` overrides, validation.
+
+A recipe has three sections, named as in LAVIS so old recipes keep working:
+``model`` (what to build), ``datasets`` (one entry per registered dataset) and
+``run`` (how to train). Priority is: zoo defaults < recipe < ``--options``.
+
+Every problem found (unknown key, wrong type, value outside its choices,
+contradiction between keys or with the DeepSpeed config) is collected first and
+raised together as one :class:`ConfigError`, each naming the dotted key, the
+value, what is allowed and the closest valid key. Nothing is built before the
+recipe is known to be good.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A dataclass field with a one-line doc (shown by --help and docs/recipes.md)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        kw["default_factory"] = lambda: type(value)(value)
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata={"help": text}, **kw)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class LoraConfig:
+    r: int = doc("LoRA rank.", 16)
+    alpha: int = doc("LoRA scaling numerator (lora_alpha); the update is scaled by alpha / r.", 32)
+    dropout: float = doc("Dropout on the LoRA input.", 0.05)
+    target: Optional[List[str]] = doc(
+        "Module names to adapt; null = the family default (OPT/LLaMA: q_proj, v_proj; T5: q, v).", None
+    )
+    on: List[Literal["llm", "qformer", "vision"]] = doc(
+        "Which parts get adapters. The vision tower only when named here.", ["llm"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    arch: str = doc("Registered model name, e.g. blip2_opt, blip2_t5, blip2_vicuna_instruct, blip2_t5_instruct.")
+    model_type: str = doc("Zoo entry of the arch (e.g. pretrain_opt2.7b, caption_coco_opt2.7b, tiny).")
+    pretrained: Optional[str] = doc(
+        "Local folder with the Hugging Face checkpoint of model_type; 'random' builds the real "
+        "architecture with random weights (memory/throughput studies). Ignored by tiny types.",
+        None,
+    )
+    load_finetuned: bool = doc("Start from `finetuned` (a checkpoint of this engine) instead of `pretrained`.", False)
+    finetuned: Optional[str] = doc("Folder of a finetuned checkpoint, used when load_finetuned is true.", None)
+    freeze_vit: bool = doc("Keep the vision tower frozen (BLIP-2 default).", True)
+    freeze_qformer: bool = doc("Freeze the Q-Former, query tokens and language projection.", False)
+    freeze_llm: bool = doc("Keep the language model frozen (BLIP-2 default; LoRA adapters still train).", True)
+    use_grad_checkpoint: bool = doc("Activation checkpointing in the trained parts: less memory, ~30% slower.", False)
+    prompt: str = doc("Text put before the target; the same prompt is used for label masking and generation.", "")
+    max_txt_len: int = doc("Maximum number of text tokens (prompt + target) per sample.", 32)
+    image_size: int = doc("Input resolution of the vision tower; the image processors default to it.", 224)
+    lora: Optional[LoraConfig] = doc("LoRA adapters via peft; null = full finetuning of the unfrozen parts.", None)
+    load_in_8bit: bool = doc("Load the language model in 8 bit (bitsandbytes, CUDA only).", False)
+    load_in_4bit: bool = doc("Load the language model in 4 bit nf4 + double quant (QLoRA; CUDA only).", False)
+    trust_remote_code: bool = doc("Allow code shipped with a checkpoint to run. Off unless you trust it.", False)
+
+
+@dataclass
+class RunConfig:
+    task: str = doc("Registered task: captioning or sherlock_retrieval.", "captioning")
+    deepspeed: str = doc("DeepSpeed config (ds_configs/*.json); relative paths resolve against the project root.",
+                         "ds_configs/zero2.json")
+    lr_sched: Literal["linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr"] = doc(
+        "Learning-rate schedule, stepped once per optimizer step.", "linear_warmup_cosine_lr"
+    )
+    init_lr: float = doc("Peak learning rate, reached at the end of warmup.", 1e-5)
+    min_lr: float = doc("Final learning rate of the cosine schedule.", 0.0)
+    warmup_lr: float = doc("Learning rate at step 0; rises linearly to init_lr over warmup_steps.", 1e-8)
+    warmup_steps: int = doc("Number of optimizer steps of linear warmup.", 0)
+    lr_decay_rate: float = doc("Per-epoch multiplier of linear_warmup_step_lr.", 0.9)
+    weight_decay: float = doc("AdamW weight decay; never applied to biases and norm weights.", 0.05)
+    adam_betas: List[float] = doc("AdamW betas.", [0.9, 0.999])
+    grad_clip: float = doc("Clip the global gradient norm to this value (0 = off).", 1.0)
+    max_epoch: int = doc("Number of epochs.", 1)
+    max_steps: Optional[int] = doc("Stop after this many optimizer steps (null = run all epochs).", None)
+    batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu).", 8)
+    batch_size_eval: int = doc("Evaluation batch size per GPU.", 8)
+    accum_grad_iters: int = doc("Micro-batches per optimizer step (gradient accumulation).", 1)
+    num_workers: int = doc("DataLoader worker processes per rank.", 2)
+    precision: Literal["bf16", "fp16", "fp32"] = doc(
+        "Training precision. fp16 needs a GPU and is refused for Flan-T5.", "bf16"
+    )
+    seed: int = doc("Random seed (model init, data order, augmentation); each rank adds its rank.", 42)
+    output_dir: str = doc("Folder for config.yaml, logs, TensorBoard (tb/), checkpoints/ and predictions/.",
+                          "runs/default")
+    overwrite_output_dir: bool = doc("Allow writing into a non-empty output_dir that holds another run.", False)
+    resume_ckpt_path: Optional[str] = doc("Checkpoint folder to resume from (or use --resume for the latest).", None)
+    evaluate: bool = doc("Only evaluate (no training).", False)
+    train_splits: List[str] = doc("Dataset splits used for training.", ["train"])
+    valid_splits: List[str] = doc("Splits evaluated every val_freq epochs; the first chooses the best checkpoint.",
+                                  ["val"])
+    test_splits: List[str] = doc("Splits evaluated once at the end with the best checkpoint.", [])
+    val_freq: int = doc("Evaluate every this many epochs (0 = never during training).", 1)
+    max_eval_samples: Optional[int] = doc("Evaluate on at most this many samples per split (null = all).", None)
+    num_beams: int = doc("Beam size for generation.", 5)
+    max_len: int = doc("Maximum number of generated tokens.", 30)
+    min_len: int = doc("Minimum number of generated tokens.", 1)
+    repetition_penalty: float = doc("Generation repetition penalty (1.0 = none).", 1.0)
+    length_penalty: float = doc("Beam-search length penalty (1.0 = none).", 1.0)
+    best_metric: Optional[str] = doc(
+        "Metric (or sum, e.g. CIDEr+Bleu_4) that selects checkpoints/best; null = the task's default "
+        "(captioning: CIDEr+Bleu_4 as LAVIS, sherlock_retrieval: p_at_1).", None)
+    spice: bool = doc("Also compute SPICE (needs Stanford CoreNLP jars; skipped with a message when absent).", False)
+    retrieval_group_size: Optional[int] = doc(
+        "sherlock_retrieval: rank within groups of this many samples when records carry no split_idx.", None)
+    patience: Optional[int] = doc("Stop after this many evaluations without a better best_metric (null = never).",
+                                  None)
+    log_freq: int = doc("Write step metrics to the log file every this many optimizer steps.", 10)
+    save_every_steps: int = doc("Also save a checkpoint every this many optimizer steps (0 = epoch ends only).", 0)
+    keep_last: int = doc("Keep only this many step/epoch checkpoints (0 = keep all; best is never pruned).", 0)
+    max_bad_samples: int = doc("Skip up to this many bad records per dataset split (counted and logged) instead of "
+                               "failing; a dataset's own max_bad_samples takes precedence.", 0)
+
+
+@dataclass
+class ProcessorSpec:
+    """One processor: a registered name plus its keyword arguments."""
+
+    name: str
+    kwargs: Dict[str, Any]
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    options: Any  # the dataset's own schema dataclass instance
+    vis_processor: Dict[str, ProcessorSpec]  # keys: train, eval
+    text_processor: Dict[str, ProcessorSpec]
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    datasets: Dict[str, DatasetSpec]
+    run: RunConfig
+    source: str = ""  # the file it came from, for messages
+
+    def to_dict(self) -> dict:
+        out = {"model": _plain(self.model), "datasets": {}, "run": _plain(self.run)}
+        for name, ds in self.datasets.items():
+            d = _plain(ds.options)
+            for kind in ("vis_processor", "text_processor"):
+                procs = getattr(ds, kind)
+                if procs:
+                    d[kind] = {split: {"name": p.name, **p.kwargs} for split, p in procs.items()}
+            out["datasets"][name] = d
+        return out
+
+
+def _plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+# Keys LAVIS recipes carry that this engine no longer needs: accepted with a one-line warning.
+LAUNCHER_KEYS = {
+    "device": "the deepspeed launcher picks the device",
+    "world_size": "the deepspeed launcher sets it (--num_gpus / --hostfile)",
+    "dist_url": "the deepspeed launcher sets the rendezvous",
+    "distributed": "the deepspeed launcher decides; one process is also fine",
+    "amp": "use run.precision: bf16 | fp16 | fp32",
+    "gpu": "the deepspeed launcher picks the device",
+}
+MODEL_SUPERSEDED = {
+    "vit_precision": "the vision tower follows run.precision",
+    "opt_model": "the language model comes with model.pretrained",
+    "t5_model": "the language model comes with model.pretrained",
+    "llm_model": "the language model comes with model.pretrained",
+    "num_query_token": "fixed by the checkpoint's config",
+    "drop_path_rate": "fixed by the checkpoint's config",
+    "apply_lemmatizer": "not supported; predictions are used as generated",
+}
+DATASET_SUPERSEDED = {
+    "data_type": "images are the only data type",
+    "build_info": "give the dataset's root and file keys directly",
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: List[Problem], source: str = ""):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = [f"{len(problems)} problem(s){where}:"] + [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def _suggest(key: str, valid) -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def _fmt(v: Any) -> str:
+    return repr(v) if not isinstance(v, str) else f"'{v}'"
+
+
+# --------------------------------------------------------------------------- typed coercion
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{' | '.join(_type_name(a) for a in args)} or null"
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp, key: str, problems: List[Problem]) -> Any:
+    """Return value converted to type ``tp`` or record a problem (and return it unchanged)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = _suggest(str(value), [str(c) for c in choices])
+        problems.append(Problem(key, f"{_fmt(value)} is not allowed; choose one of {', '.join(map(str, choices))}{hint}"))
+        return value
+    if origin in (list, List):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `train_splits: train` means ["train"]
+        if not isinstance(value, (list, tuple)):
+            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
+            return value
+        (item,) = typing.get_args(tp)
+        return [coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            problems.append(Problem(key, f"{_fmt(value)} should be a mapping"))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
+            return value
+        return build_dataclass(tp, value, key, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(Problem(key, f"{_fmt(value)} should be true or false"))
+        return value
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(Problem(key, f"{_fmt(value)} should be an integer"))
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-5` (no dot) as a string; LAVIS recipes are full of these.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(Problem(key, f"{_fmt(value)} should be a number"))
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(Problem(key, f"{_fmt(value)} should be a string"))
+        return value
+    return value
+
+
+def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Problem],
+                    ignored: Optional[Dict[str, str]] = None):
+    """Instantiate ``cls`` from a mapping, recording unknown keys, missing required keys and type errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            if ignored and key in ignored:
+                logger.warning("%s is ignored: %s.", path, ignored[key])
+                continue
+            problems.append(Problem(path, f"unknown key{_suggest(key, fields)} "
+                                          f"(valid keys: {', '.join(fields)})"))
+            continue
+        kwargs[key] = coerce(value, hints[key], path, problems)
+    for name, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and no_default:
+            problems.append(Problem(f"{prefix}.{name}" if prefix else name,
+                                    f"is required ({f.metadata.get('help', _type_name(hints[name]))})"))
+            kwargs[name] = None
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe file not found: {path} (ls recipes/ lists the shipped recipes)")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            # safe_load: a recipe can never construct Python objects (no !!python tags).
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError([Problem("<yaml>", f"not valid YAML: {e}")], path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("<top>", "a recipe must be a mapping with model, datasets and run")], path)
+    return data
+
+
+def apply_options(data: Dict[str, Any], options: List[str], problems: List[Problem]) -> None:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars/lists."""
+    for opt in options or []:
+        if "=" not in opt:
+            problems.append(Problem(opt, "an option must look like section.key=value, e.g. run.init_lr=2e-5"))
+            continue
+        path, raw = opt.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = path.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                problems.append(Problem(path, f"cannot set a key under {p}, which is {_fmt(node[p])}"))
+                break
+            node = node[p]
+        else:
+            node[parts[-1]] = value
+
+
+def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[ProcessorSpec]:
+    from engine.registry import PROCESSORS
+
+    if not isinstance(spec, dict) or "name" not in spec:
+        problems.append(Problem(key, f"{_fmt(spec)} should be a mapping with a `name` (a registered processor)"))
+        return None
+    name = spec["name"]
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if name not in PROCESSORS:
+        problems.append(Problem(f"{key}.name", PROCESSORS.unknown_message(name)))
+        return None
+    sig = inspect.signature(PROCESSORS.get(name).obj)
+    params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    for k, v in list(kwargs.items()):
+        if k not in params:
+            problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{_suggest(k, params)} "
+                                                   f"(valid: {', '.join(params)})"))
+            continue
+        ann = params[k].annotation
+        if ann is not inspect.Parameter.empty and not isinstance(ann, str):
+            kwargs[k] = coerce(v, ann, f"{key}.{k}", problems)
+    return ProcessorSpec(name, kwargs)
+
+
+def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[DatasetSpec]:
+    from engine.registry import DATASETS
+
+    key = f"datasets.{name}"
+    if name not in DATASETS:
+        problems.append(Problem(key, DATASETS.unknown_message(name)))
+        return None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(Problem(key, f"{_fmt(raw)} should be a mapping of the dataset's keys"))
+        return None
+    raw = dict(raw)
+    procs: Dict[str, Dict[str, ProcessorSpec]] = {"vis_processor": {}, "text_processor": {}}
+    for kind in procs:
+        section = raw.pop(kind, None) or {}
+        if not isinstance(section, dict):
+            problems.append(Problem(f"{key}.{kind}", "should be a mapping with train and/or eval"))
+            continue
+        for split, spec in section.items():
+            if split not in ("train", "eval"):
+                problems.append(Problem(f"{key}.{kind}.{split}",
+                                        f"unknown processor slot{_suggest(split, ['train', 'eval'])} (use train, eval)"))
+                continue
+            p = _split_processor(spec, f"{key}.{kind}.{split}", problems)
+            if p is not None:
+                procs[kind][split] = p
+    schema = DATASETS.get(name).meta.get("schema")
+    options = build_dataclass(schema, raw, key, problems, ignored=DATASET_SUPERSEDED)
+    return DatasetSpec(name, options, procs["vis_processor"], procs["text_processor"])
+
+
+def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[str]] = None,
+                 check_files: bool = True) -> Recipe:
+    """Turn a recipe mapping into a validated :class:`Recipe` (or raise one ConfigError with every problem)."""
+    from engine.registry import MODELS
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    problems: List[Problem] = []
+    apply_options(data, options or [], problems)
+
+    for key in data:
+        if key not in ("model", "datasets", "run"):
+            problems.append(Problem(key, f"unknown section{_suggest(key, ['model', 'datasets', 'run'])} "
+                                         f"(a recipe has model, datasets and run)"))
+    raw_model = data.get("model") or {}
+    raw_run = data.get("run") or {}
+    raw_datasets = data.get("datasets") or {}
+    for sec, val in (("model", raw_model), ("run", raw_run), ("datasets", raw_datasets)):
+        if not isinstance(val, dict):
+            problems.append(Problem(sec, f"{_fmt(val)} should be a mapping"))
+    if problems:
+        raise ConfigError(problems, source)
+
+    # Zoo defaults sit under the recipe: fill only the keys the recipe (after --options) left out.
+    arch, model_type = raw_model.get("arch"), raw_model.get("model_type")
+    zoo_family = None
+    if arch is not None:
+        if arch not in MODELS:
+            problems.append(Problem("model.arch", MODELS.unknown_message(arch)))
+        else:
+            zoo_family = MODELS.get(arch)
+            zoo = zoo_family.zoo
+            if model_type is not None and model_type not in zoo:
+                problems.append(Problem("model.model_type", f"{_fmt(model_type)} is not a zoo entry of {arch}"
+                                        f"{_suggest(str(model_type), zoo)} (choose one of {', '.join(zoo)})"))
+            elif model_type is not None:
+                for k, v in zoo[model_type].defaults.items():
+                    raw_model.setdefault(k, v)
+
+    model = build_dataclass(ModelConfig, raw_model, "model", problems, ignored=MODEL_SUPERSEDED)
+    run = build_dataclass(RunConfig, raw_run, "run", problems, ignored=LAUNCHER_KEYS)
+    datasets = {}
+    for name, raw in raw_datasets.items():
+        spec = _dataset_spec(name, raw, problems)
+        if spec is not None:
+            datasets[name] = spec
+    recipe = Recipe(model, datasets, run, source)
+    if not problems:
+        problems.extend(check_recipe(recipe, zoo_family, check_files=check_files))
+    if problems:
+        raise ConfigError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str, options: Optional[List[str]] = None, check_files: bool = True) -> Recipe:
+    return parse_recipe(load_yaml(path), source=path, options=options, check_files=check_files)
+
+
+# --------------------------------------------------------------------------- cross-key checks
+
+
+def project_path(path: str) -> str:
+    """Resolve a path from a recipe: as given if it exists, else relative to the project root."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.join(root, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[Problem]:
+    from engine.deepspeed_config import check_ds_config
+    from engine.registry import TASKS
+
+    m, r = recipe.model, recipe.run
+    out: List[Problem] = []
+    positive = ("batch_size_train", "batch_size_eval", "accum_grad_iters", "max_epoch", "num_beams", "max_len")
+    for k in positive:
+        if getattr(r, k) < 1:
+            out.append(Problem(f"run.{k}", f"{getattr(r, k)} must be at least 1"))
+    if r.min_len > r.max_len:
+        out.append(Problem("run.min_len", f"{r.min_len} is larger than run.max_len={r.max_len}"))
+    if r.init_lr <= 0:
+        out.append(Problem("run.init_lr", f"{r.init_lr} must be positive"))
+    if r.min_lr > r.init_lr:
+        out.append(Problem("run.min_lr", f"{r.min_lr} is above run.init_lr={r.init_lr}; lower it"))
+    if r.warmup_steps < 0 or r.num_workers < 0 or r.save_every_steps < 0 or r.keep_last < 0:
+        out.append(Problem("run", "warmup_steps, num_workers, save_every_steps and keep_last cannot be negative"))
+    if len(r.adam_betas) != 2:
+        out.append(Problem("run.adam_betas", f"{r.adam_betas} should hold two numbers, e.g. [0.9, 0.999]"))
+    if r.task not in TASKS:
+        out.append(Problem("run.task", TASKS.unknown_message(r.task)))
+    else:
+        from engine.build import build_task
+
+        try:
+            build_task(recipe)  # checks best_metric against the task's metrics
+        except (ValueError, KeyError) as e:
+            out.append(Problem("run.best_metric", str(e)))
+    if m.load_in_8bit and m.load_in_4bit:
+        out.append(Problem("model.load_in_4bit", "load_in_8bit and load_in_4bit are both true; choose one"))
+    if m.load_finetuned and not m.finetuned:
+        out.append(Problem("model.finetuned", "load_finetuned is true but no finetuned folder is given"))
+    if family is not None and family.meta.get("family") == "t5" and r.precision == "fp16":
+        out.append(Problem("run.precision", "'fp16' overflows in Flan-T5; use bf16 (or fp32)"))
+    if m.lora is None and m.freeze_vit and m.freeze_qformer and m.freeze_llm:
+        out.append(Problem("model", "freeze_vit, freeze_qformer and freeze_llm are all true and there is no "
+                                    "lora: nothing would train"))
+    if not recipe.datasets:
+        out.append(Problem("datasets", "no dataset given; add e.g. `sherlock: {root: /data/sherlock}`"))
+    if r.evaluate and not r.valid_splits and not r.test_splits:
+        out.append(Problem("run.evaluate", "evaluate is true but valid_splits and test_splits are empty"))
+    out.extend(check_ds_config(recipe, check_files=check_files))
+    return out
+
+
+def field_docs(cls) -> List[Tuple[str, str, Any, str]]:
+    """(name, type, default, help) of each field of a schema dataclass, for --help and docs."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
+
+
+def save_resolved(recipe: Recipe, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

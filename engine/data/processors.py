@@ -1,0 +1,227 @@
+"""Image and text processors under LAVIS's registry names.
+
+Each registered name is a factory: ``PROCESSORS.get("blip_image_train")(image_size=224)``
+returns a callable. The image processors are called as
+``proc(image, region=None, flip=None) -> Tensor[3, S, S]``:
+
+* ``region``: boxes ``(left, top, width, height)`` in the pixels of ``image``.
+  The train processors never crop the region out of view: the random crop is
+  drawn among the crops that contain the boxes' union (and, when none of the
+  drawn sizes can hold it, the whole image is resized instead, as at eval).
+* ``flip``: None keeps the processor's own setting; False/True overrides it
+  for this call (Sherlock turns flips off because its texts say left/right).
+
+The transforms and their defaults follow LAVIS's ``blip_processors.py``;
+RandAugment comes from timm with LAVIS's op pool and strengths.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+from torchvision.transforms.functional import InterpolationMode
+
+from engine.registry import PROCESSORS
+
+from .region import Box, BoxLike, clamp_boxes, union_box
+
+# CLIP's statistics, LAVIS's default for every BLIP/BLIP-2 image processor.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# LAVIS's RandomAugment pool in timm's names. LAVIS also lists "Identity",
+# which timm has no op for; every timm op is applied with probability 0.5
+# anyway, as in LAVIS. TranslateX/Y are the absolute-pixel variants so that
+# translate_const=10 gives LAVIS's +-5 px at magnitude 5 (timm's default
+# would shift by 125 px).
+RANDAUG_OPS = ("AutoContrast", "Brightness", "Sharpness", "Equalize",
+               "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+# Ops that move pixels far enough to push a region near the border out of
+# the frame (15 degrees, 0.15 shear at magnitude 5); left out when a region is given.
+GEOMETRIC_OPS = ("ShearX", "ShearY", "Rotate")
+RANDAUG_CONFIG = "rand-n2-m5"   # 2 ops per image, magnitude 5 of 10: LAVIS's RandomAugment(2, 5)
+RANDAUG_HPARAMS = {"translate_const": 10, "img_mean": (128, 128, 128)}
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)   # RandomResizedCrop's default aspect range
+
+
+class ImageProcessor:
+    """Base of the image processors: resize/augment, ToTensor, Normalize."""
+
+    def __init__(self, image_size: int, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None):
+        self.image_size = int(image_size)
+        self.mean = tuple(mean) if mean is not None else CLIP_MEAN
+        self.std = tuple(std) if std is not None else CLIP_STD
+        self._to_tensor = T.ToTensor()
+        self._normalize = T.Normalize(self.mean, self.std)
+
+    def _finish(self, image: Image.Image) -> torch.Tensor:
+        return self._normalize(self._to_tensor(image))
+
+    def resize_whole(self, image: Image.Image) -> Image.Image:
+        s = self.image_size
+        return TF.resize(image, [s, s], interpolation=InterpolationMode.BICUBIC)
+
+    def __call__(self, image: Image.Image, region: Optional[Sequence[BoxLike]] = None,
+                 flip: Optional[bool] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}={v!r}" for k, v in self._repr_items())
+        return f"{type(self).__name__}({keys})"
+
+    def _repr_items(self):
+        return [("image_size", self.image_size)]
+
+
+def sample_crop_containing(size: Tuple[int, int], box: Box, scale: Tuple[float, float],
+                           ratio: Tuple[float, float] = RATIO,
+                           tries: int = 10) -> Optional[Tuple[int, int, int, int]]:
+    """Draw RandomResizedCrop parameters ``(top, left, height, width)`` whose crop holds ``box``.
+
+    Area and aspect are drawn as torchvision draws them; a draw too small for
+    the box is rejected, and the position is uniform among the positions that
+    contain the box. None after ``tries`` rejected draws.
+    """
+    W, H = size
+    l, t, w, h = box
+    bx0, by0 = max(0, int(math.floor(l))), max(0, int(math.floor(t)))
+    bx1, by1 = min(W, int(math.ceil(l + w))), min(H, int(math.ceil(t + h)))
+    bw, bh = bx1 - bx0, by1 - by0
+    area = W * H
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(tries):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        cw = int(round(math.sqrt(target_area * aspect)))
+        ch = int(round(math.sqrt(target_area / aspect)))
+        if not (bw <= cw <= W and bh <= ch <= H):
+            continue
+        # Any left edge in [bx1 - cw, bx0] keeps [bx0, bx1) inside; also stay in the image.
+        left = torch.randint(max(0, bx1 - cw), min(bx0, W - cw) + 1, (1,)).item()
+        top = torch.randint(max(0, by1 - ch), min(by0, H - ch) + 1, (1,)).item()
+        return top, left, ch, cw
+    return None
+
+
+class _TrainImageProcessor(ImageProcessor):
+    """RandomResizedCrop (region-aware) + horizontal flip [+ RandAugment] + ToTensor + Normalize."""
+
+    randaugment = False
+
+    def __init__(self, image_size: int, min_scale: float = 0.5, max_scale: float = 1.0,
+                 mean=None, std=None, flip: bool = True, region_tries: int = 10):
+        super().__init__(image_size, mean, std)
+        if not 0 < min_scale <= max_scale <= 1:
+            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
+        self.scale = (float(min_scale), float(max_scale))
+        self.flip = bool(flip)
+        self.region_tries = int(region_tries)
+        self._crop = T.RandomResizedCrop(self.image_size, scale=self.scale,
+                                         interpolation=InterpolationMode.BICUBIC)
+        if self.randaugment:
+            # imported here: timm takes seconds to import and only this processor needs it
+            from timm.data.auto_augment import rand_augment_transform
+
+            self._randaug = rand_augment_transform(
+                RANDAUG_CONFIG, dict(RANDAUG_HPARAMS), transforms=list(RANDAUG_OPS))
+            self._randaug_region = rand_augment_transform(
+                RANDAUG_CONFIG, dict(RANDAUG_HPARAMS),
+                transforms=[op for op in RANDAUG_OPS if op not in GEOMETRIC_OPS])
+
+    def crop(self, image: Image.Image, boxes: Sequence[Box]) -> Image.Image:
+        if not boxes:
+            return self._crop(image)
+        params = sample_crop_containing(image.size, union_box(boxes), self.scale,
+                                        RATIO, self.region_tries)
+        if params is None:  # the region is too big for the drawn crops: keep everything
+            return self.resize_whole(image)
+        top, left, h, w = params
+        return TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
+                               interpolation=InterpolationMode.BICUBIC)
+
+    def __call__(self, image, region=None, flip=None):
+        image = image.convert("RGB")
+        boxes = clamp_boxes(region or [], image.size)
+        image = self.crop(image, boxes)
+        if (self.flip if flip is None else flip) and torch.rand(1).item() < 0.5:
+            image = TF.hflip(image)
+        if self.randaugment:
+            image = (self._randaug_region if boxes else self._randaug)(image)
+        return self._finish(image)
+
+    def _repr_items(self):
+        return [("image_size", self.image_size), ("scale", self.scale), ("flip", self.flip)]
+
+
+@PROCESSORS.register("blip_image_train")
+class BlipImageTrainProcessor(_TrainImageProcessor):
+    """LAVIS ``blip_image_train``: crop + flip + RandAugment(2, 5) + ToTensor + Normalize."""
+
+    randaugment = True
+
+    def __init__(self, image_size: int = 384, min_scale: float = 0.5, max_scale: float = 1.0,
+                 mean=None, std=None, flip: bool = True, region_tries: int = 10):
+        super().__init__(image_size, min_scale, max_scale, mean, std, flip, region_tries)
+
+
+@PROCESSORS.register("blip2_image_train")
+class Blip2ImageTrainProcessor(_TrainImageProcessor):
+    """LAVIS ``blip2_image_train``: crop + flip + ToTensor + Normalize."""
+
+    def __init__(self, image_size: int = 364, min_scale: float = 0.5, max_scale: float = 1.0,
+                 mean=None, std=None, flip: bool = True, region_tries: int = 10):
+        super().__init__(image_size, min_scale, max_scale, mean, std, flip, region_tries)
+
+
+@PROCESSORS.register("blip_image_eval")
+class BlipImageEvalProcessor(ImageProcessor):
+    """LAVIS ``blip_image_eval``: bicubic resize to ``(S, S)`` + ToTensor + Normalize.
+
+    ``region`` and ``flip`` are accepted and ignored: the whole image is kept.
+    """
+
+    def __init__(self, image_size: int = 384, mean=None, std=None):
+        super().__init__(image_size, mean, std)
+
+    def __call__(self, image, region=None, flip=None):
+        return self._finish(self.resize_whole(image.convert("RGB")))
+
+
+_PUNCT = re.compile(r"([.!\"()*#:;~])")
+_SPACES = re.compile(r"\s{2,}")
+
+
+@PROCESSORS.register("blip_caption")
+class BlipCaptionProcessor:
+    """LAVIS ``blip_caption``: ``prompt + pre_caption(text)``.
+
+    ``pre_caption`` lowercases, turns each of ``. ! " ( ) * # : ; ~`` into a
+    space, collapses runs of whitespace, strips the ends and keeps the first
+    ``max_words`` words. Like LAVIS it keeps other punctuation (``, ' ? - /``).
+    """
+
+    def __init__(self, prompt: str = "", max_words: int = 50):
+        self.prompt = prompt
+        self.max_words = int(max_words)
+
+    def pre_caption(self, caption: str) -> str:
+        caption = _PUNCT.sub(" ", caption.lower())
+        caption = _SPACES.sub(" ", caption)
+        caption = caption.rstrip("\n").strip(" ")
+        words = caption.split(" ")
+        if len(words) > self.max_words:
+            caption = " ".join(words[: self.max_words])
+        return caption
+
+    def __call__(self, caption: str) -> str:
+        return self.prompt + self.pre_caption(caption)
+
+    def __repr__(self) -> str:
+        return f"BlipCaptionProcessor(prompt={self.prompt!r}, max_words={self.max_words})"

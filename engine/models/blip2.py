@@ -1,0 +1,490 @@
+"""BLIP-2 / InstructBLIP builders and the `VisionLanguageModel` wrapper the trainer uses.
+
+The networks are transformers' `Blip2ForConditionalGeneration` (OPT, Flan-T5)
+and `InstructBlipForConditionalGeneration` (Vicuna, Flan-T5). The wrapper owns
+what transformers leaves to the caller: tokenising prompt and target, the
+`<image>` placeholder ids the Q-Former outputs are written over, label masking,
+freezing, LoRA, and generation/scoring on lists of strings.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AddedToken,
+    AutoTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+)
+
+from transformers.utils import logging as hf_logging
+
+from engine.registry import MODELS, close_matches
+
+from .lora import apply_lora
+from .quant import quantization_config
+from .tokenizer import IMAGE_TOKEN, local_tokenizer
+from .zoo import ZOO_OPT, ZOO_T5, ZOO_T5_INSTRUCT, ZOO_VICUNA_INSTRUCT, ZooEntry, tiny_config
+
+IGNORE_INDEX = -100  # label value transformers' losses skip
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The checkpoint folder a model needs is not there."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str  # LLM family: "opt" | "t5" | "llama"
+    instruct: bool  # InstructBLIP (the Q-Former also reads the prompt)
+    zoo: Dict[str, ZooEntry]
+
+
+ARCHS = {
+    "blip2_opt": ArchSpec("opt", False, ZOO_OPT),
+    "blip2_t5": ArchSpec("t5", False, ZOO_T5),
+    "blip2_vicuna_instruct": ArchSpec("llama", True, ZOO_VICUNA_INSTRUCT),
+    "blip2_t5_instruct": ArchSpec("t5", True, ZOO_T5_INSTRUCT),
+}
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _ds_numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty tensor on each rank
+
+
+def _part_of(name: str) -> str:
+    """Which part of a BLIP-2 model a parameter name (relative to the HF model) belongs to."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vision_model."):
+        return "vision"
+    if name.startswith(("qformer.", "query_tokens", "language_projection.")):
+        return "qformer"  # the projection is trained with the Q-Former, as in BLIP-2
+    return "llm"
+
+
+def _pad(rows: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Stack ragged rows of ids into a [B, longest] tensor, padding right (or left) with `value`."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            start = width - len(r) if left else 0
+            out[i, start:start + len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _gathered(params: List[nn.Parameter], modifier_rank: Optional[int] = None):
+    """Gather ZeRO-3 partitioned parameters for use outside their module's forward; no-op otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+class VisionLanguageModel(nn.Module):
+    """A BLIP-2 model that takes images and strings.
+
+    Attributes: `hf` (the transformers model), `tokenizer`, `qformer_tokenizer`
+    (InstructBLIP only), `family`, `instruct`, `max_txt_len`, `image_size`.
+    """
+
+    def __init__(self, hf: nn.Module, tokenizer, *, family: str, instruct: bool, max_txt_len: int,
+                 qformer_tokenizer=None, freeze_vit: bool = True):
+        super().__init__()
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.family = family
+        self.instruct = instruct
+        self.max_txt_len = int(max_txt_len)
+        self.freeze_vit = freeze_vit
+        cfg = hf.config
+        size = cfg.vision_config.image_size
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.num_query_tokens = int(cfg.num_query_tokens)
+        self.image_token_id = int(cfg.image_token_index)
+        self.decoder_only = bool(cfg.use_decoder_only_language_model)
+        self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # Sentencepiece-like tokenizers (T5, LLaMA) give "dog" and " dog" the same
+        # tokens; byte-level BPE (OPT) does not. See `_split`.
+        self._prefix_space = self._ids(["dog"])[0] == self._ids([" dog"])[0]
+
+    # ---------------------------------------------------------------- inputs
+    def _ids(self, texts: Sequence[str]) -> List[List[int]]:
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if any(self.image_token_id in row for row in ids):
+            raise ValueError(f"a prompt or target contains the image placeholder token {IMAGE_TOKEN!r}; remove it")
+        return ids
+
+    def _split(self, prompt: str, target: str) -> Tuple[str, str]:
+        """Prompt and target are tokenised apart (so the prompt's tokens are known exactly);
+        a prompt's trailing whitespace moves to the target, so "a photo of " + "dog"
+        tokenises as "a photo of" + " dog", as the joined text would."""
+        head = prompt.rstrip()
+        if head == prompt or self._prefix_space:
+            return head, target
+        return head, prompt[len(head):] + target
+
+    def _qformer_inputs(self, prompt: Sequence[str], device) -> Dict[str, torch.Tensor]:
+        enc = self.qformer_tokenizer(list(prompt), padding="longest", truncation=True, max_length=self.max_txt_len,
+                                     return_tensors="pt")
+        return {"qformer_input_ids": enc["input_ids"].to(device),
+                "qformer_attention_mask": enc["attention_mask"].to(device)}
+
+    def build_inputs(self, prompt: Sequence[str], text_output: Sequence[str], device=None) -> Dict[str, torch.Tensor]:
+        """Tensors for `self.hf(pixel_values=..., **inputs)`, labels included.
+
+        Decoder-only (OPT, Vicuna): `[<image> x Nq][bos] prompt target [eos] [pad...]`,
+        at most `max_txt_len` text tokens (truncation drops the tail). Labels equal
+        the input ids on target+eos and are -100 elsewhere; the model shifts them.
+        Encoder-decoder (T5): encoder `[<image> x Nq] prompt [eos]`, labels `target [eos]`.
+        """
+        if len(prompt) != len(text_output):
+            raise ValueError(f"{len(prompt)} prompts but {len(text_output)} targets")
+        nq, img = self.num_query_tokens, self.image_token_id
+        inputs: Dict[str, torch.Tensor] = {}
+        if self.instruct:
+            inputs.update(self._qformer_inputs(prompt, device))
+        if self.decoder_only:
+            heads, tails = zip(*(self._split(p, t) for p, t in zip(prompt, text_output)))
+            rows, labels = [], []
+            for p, t in zip(self._ids(heads), self._ids(tails)):
+                head = ([self.bos_id] if self.bos_id is not None else []) + p
+                text = (head + t + [self.eos_id])[: self.max_txt_len]
+                n_head = min(len(head), len(text))
+                rows.append([img] * nq + text)
+                labels.append([IGNORE_INDEX] * (nq + n_head) + text[n_head:])
+            input_ids = _pad(rows, self.pad_id)
+            inputs.update(input_ids=input_ids, attention_mask=_pad([[1] * len(r) for r in rows], 0),
+                          labels=_pad(labels, IGNORE_INDEX))
+        else:
+            keep = max(self.max_txt_len - 1, 0)  # room for the eos
+            rows = [[img] * nq + p[:keep] + [self.eos_id] for p in self._ids([p.strip() for p in prompt])]
+            targets = [t[:keep] + [self.eos_id] for t in self._ids(text_output)]
+            inputs.update(input_ids=_pad(rows, self.pad_id),
+                          attention_mask=_pad([[1] * len(r) for r in rows], 0),
+                          labels=_pad(targets, IGNORE_INDEX),
+                          decoder_attention_mask=_pad([[1] * len(t) for t in targets], 0))
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def _pixels(self, image: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        dtype = self.hf.vision_model.embeddings.patch_embedding.weight.dtype
+        # A checkpoint trained at another resolution still runs: interpolate the position embeddings.
+        interpolate = tuple(image.shape[-2:]) != (self.image_size, self.image_size)
+        return image.to(dtype=dtype), interpolate
+
+    # ---------------------------------------------------------------- API
+    def forward(self, image: torch.Tensor, prompt: Sequence[str], text_output: Sequence[str]) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens (target + eos) of the batch."""
+        pixels, interpolate = self._pixels(image)
+        inputs = self.build_inputs(prompt, text_output, image.device)
+        out = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False, **inputs)
+        return out.loss
+
+    @torch.no_grad()
+    def score(self, image: torch.Tensor, prompt: Sequence[str], text_output: Sequence[str]) -> torch.Tensor:
+        """Mean log-likelihood per sample of `text_output` (+ eos) given image and prompt, shape [B]."""
+        pixels, interpolate = self._pixels(image)
+        inputs = self.build_inputs(prompt, text_output, image.device)
+        labels = inputs["labels"]
+        if self.decoder_only:
+            del inputs["labels"]  # the model's own loss would be a wasted batch mean
+            logits = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False,
+                             **inputs).logits[:, :-1]
+            labels = labels[:, 1:]  # logits at position i predict token i + 1
+        else:
+            logits = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False,
+                             **inputs).logits
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction="none").view(labels.shape)
+        n = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+        return -nll.sum(1) / n
+
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor, prompt: Sequence[str], *, num_beams: int = 5, max_len: int = 30,
+                 min_len: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0, top_p: float = 0.9,
+                 use_nucleus_sampling: bool = False, synced_gpus: bool = False) -> List[str]:
+        """Generate up to `max_len` new tokens per image; returns the new text only, stripped."""
+        pixels, interpolate = self._pixels(image)
+        if len(prompt) != image.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {len(prompt)} prompts")
+        device, nq, img = image.device, self.num_query_tokens, self.image_token_id
+        inputs: Dict[str, torch.Tensor] = {}
+        if self.instruct:
+            inputs.update(self._qformer_inputs(prompt, device))
+        if self.decoder_only:
+            bos = [self.bos_id] if self.bos_id is not None else []
+            heads = [self._split(p, "")[0] for p in prompt]
+            rows = [[img] * nq + (bos + p)[: self.max_txt_len] for p in self._ids(heads)]
+            # Left padding: every row's last position is where generation continues.
+            input_ids = _pad(rows, self.pad_id, left=True)
+            attention = _pad([[1] * len(r) for r in rows], 0, left=True)
+        else:
+            keep = max(self.max_txt_len - 1, 0)
+            rows = [[img] * nq + p[:keep] + [self.eos_id] for p in self._ids([p.strip() for p in prompt])]
+            input_ids = _pad(rows, self.pad_id)
+            attention = _pad([[1] * len(r) for r in rows], 0)
+        options = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len,
+                       repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                       do_sample=use_nucleus_sampling, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                       synced_gpus=synced_gpus)
+        if use_nucleus_sampling:
+            options["top_p"] = top_p
+        # hf.generate reads query_tokens outside any submodule's forward, so
+        # ZeRO-3 would leave it partitioned (an empty tensor) without this.
+        with _gathered([self.hf.query_tokens]):
+            out = self.hf.generate(pixel_values=pixels, input_ids=input_ids.to(device),
+                                   attention_mask=attention.to(device), interpolate_pos_encoding=interpolate,
+                                   **inputs, **options)
+        if self.decoder_only and out.shape[1] >= input_ids.shape[1] and torch.equal(
+                out[:, : input_ids.shape[1]].cpu(), input_ids):
+            out = out[:, input_ids.shape[1]:]  # the LLM returns prompt + continuation
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------------- parameters
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_vit:
+            self.hf.vision_model.eval()  # a frozen ViT stays in eval mode, as in LAVIS
+        return self
+
+    def trainable_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs that require grad, in module order."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_summary(self) -> Dict[str, Dict[str, int]]:
+        """Parameter counts per part (vision, qformer incl. query tokens and projection, llm, lora, all)."""
+        summary = {k: {"total": 0, "trainable": 0} for k in ("vision", "qformer", "llm", "lora", "all")}
+        for name, p in self.hf.named_parameters():
+            n = _ds_numel(p)
+            for part in (_part_of(name), "all"):
+                summary[part]["total"] += n
+                summary[part]["trainable"] += n if p.requires_grad else 0
+        return summary
+
+
+# -------------------------------------------------------------------- builders
+def _dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value)]
+    except KeyError:
+        raise ValueError(f"torch_dtype {value!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def _init_query_tokens(hf: nn.Module, std: float) -> None:
+    # transformers initialises query_tokens to zeros (checkpoints overwrite them);
+    # randomly initialised models need LAVIS's normal(0, 0.02) or all queries are identical.
+    with _gathered([hf.query_tokens], modifier_rank=0), torch.no_grad():
+        hf.query_tokens.normal_(0.0, std)
+
+
+def _random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
+    # `_from_config` honours a live HfDeepSpeedConfig (ZeRO-3 partitions while building).
+    # The seed is applied on a forked RNG so building a model does not move the caller's RNG.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        hf = cls._from_config(config, dtype=dtype)
+        _init_query_tokens(hf, config.initializer_range)
+    return hf
+
+
+def _weights_error(arch: str, model_type: str, entry: ZooEntry, path: Optional[str], why: str) -> WeightsNotFoundError:
+    target = path or f"/data/hf/{entry.hf_name.split('/')[-1]}"
+    return WeightsNotFoundError(
+        f"{arch}/{model_type}: {why}. This model type loads the official checkpoint {entry.hf_name} from a local "
+        f"folder (no hub access is assumed). Get it on a machine with internet access:\n"
+        f"    huggingface-cli download {entry.hf_name} --local-dir {target}\n"
+        f"copy the folder here and set model.pretrained: {target}. "
+        f"(For memory or speed planning without weights, set model.pretrained: random.)"
+    )
+
+
+def _check_checkpoint(arch: str, model_type: str, entry: ZooEntry, path: Optional[str], spec: ArchSpec) -> None:
+    if path is None:
+        raise _weights_error(arch, model_type, entry, None, "model.pretrained is not set")
+    if not os.path.isdir(path):
+        raise _weights_error(arch, model_type, entry, path, f"the folder {path} does not exist")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise _weights_error(arch, model_type, entry, path, f"{path} has no config.json (not a HF checkpoint folder)")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    want = InstructBlipConfig.model_type if spec.instruct else Blip2Config.model_type
+    text_type = (cfg.get("text_config") or {}).get("model_type")
+    if cfg.get("model_type") != want or text_type != spec.family:
+        raise ValueError(
+            f"{path} holds a '{cfg.get('model_type')}' model with a '{text_type}' language model, but {arch} "
+            f"needs '{want}' with '{spec.family}' (expected a copy of {entry.hf_name}); check model.arch and "
+            f"model.pretrained"
+        )
+
+
+def _ensure_image_token(hf: nn.Module, tokenizer) -> None:
+    """Older BLIP-2 checkpoints predate the `<image>` placeholder; add it, as Blip2Processor does.
+
+    Without it transformers finds no placeholder positions and silently ignores the image.
+    """
+    if hf.config.image_token_index is not None:
+        return
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if index >= hf.get_input_embeddings().num_embeddings:
+        hf.resize_token_embeddings(len(tokenizer))
+    hf.config.image_token_index = index
+
+
+def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_code: bool):
+    hf = cls.from_pretrained(path, local_files_only=True, dtype=dtype, quantization_config=quant,
+                             trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    qformer_tokenizer = None
+    if spec.instruct:
+        # InstructBlipProcessor keeps the Q-Former's BERT tokenizer in this subfolder.
+        if not os.path.isdir(os.path.join(path, "qformer_tokenizer")):
+            raise WeightsNotFoundError(f"{path} has no qformer_tokenizer/ folder, which InstructBLIP checkpoints "
+                                       f"include; download the complete checkpoint folder again")
+        qformer_tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer", local_files_only=True)
+    _ensure_image_token(hf, tokenizer)
+    return hf, tokenizer, qformer_tokenizer
+
+
+def _set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze_llm: bool,
+                   lora_parts: Sequence[str]) -> None:
+    frozen = {"vision": freeze_vit, "qformer": freeze_qformer, "llm": freeze_llm}
+    # InstructBLIP keeps only the query positions of the Q-Former's last layer, so
+    # that layer's text feed-forward never reaches the output: keep it out of the
+    # optimizer (it would never get a gradient).
+    last = f"qformer.encoder.layer.{hf.config.qformer_config.num_hidden_layers - 1}."
+    dead = (last + "intermediate.", last + "output.") if hf.config.model_type == InstructBlipConfig.model_type else ()
+    for name, p in hf.named_parameters():
+        part = _part_of(name)
+        if dead and name.startswith(dead):
+            train = False
+        elif part == "lora":
+            train = True
+        elif part == "qformer" and not name.startswith("qformer."):
+            train = not freeze_qformer  # query tokens and projection get no adapters; they train unless frozen
+        else:
+            train = not frozen[part] and part not in lora_parts  # LoRA freezes its base weights
+        if p.is_floating_point():
+            p.requires_grad_(train)
+
+
+def _enable_checkpointing(hf: nn.Module) -> None:
+    def enable(module):
+        kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks when a part's inputs need no grad
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def trains(prefix):
+        return any(p.requires_grad for n, p in hf.named_parameters() if n.startswith(prefix))
+
+    # Backward always runs through the LLM (down to the Q-Former's soft prompt), frozen or not.
+    enable(hf.language_model)
+    if trains("qformer."):
+        # The Q-Former's input is the query tokens (a parameter), not token ids, so
+        # transformers' warning that it cannot make its input embeddings require grad is moot.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            enable(hf.qformer)
+        finally:
+            hf_logging.set_verbosity(level)
+    if trains("vision_model."):
+        enable(hf.vision_model)
+
+
+def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, freeze_vit: bool = True,
+              freeze_qformer: bool = False, freeze_llm: bool = True, use_grad_checkpoint: bool = False,
+              max_txt_len: int = 32, lora: Optional[Dict[str, Any]] = None, load_in_8bit: bool = False,
+              load_in_4bit: bool = False, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+              seed: int = 0) -> VisionLanguageModel:
+    """Build `arch` / `model_type`. `pretrained`: a local HF checkpoint folder, or "random" for the
+    real architecture with random weights; ignored by `tiny` (seeded random weights)."""
+    spec = ARCHS[arch]
+    if model_type not in spec.zoo:
+        near = close_matches(model_type, spec.zoo)
+        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise ValueError(f"unknown model_type '{model_type}' for {arch}.{hint} Known: {', '.join(spec.zoo)}")
+    entry = spec.zoo[model_type]
+    dtype = _dtype(torch_dtype)
+    if spec.family == "t5" and dtype == torch.float16:
+        raise ValueError(f"{arch}: Flan-T5 overflows in fp16; use torch_dtype bf16 (or fp32) / precision: bf16")
+    quant = quantization_config(load_in_8bit, load_in_4bit)
+    cls = InstructBlipForConditionalGeneration if spec.instruct else Blip2ForConditionalGeneration
+    qformer_tokenizer = local_tokenizer("qformer") if spec.instruct else None
+
+    if model_type == "tiny" or pretrained == "random":
+        if quant is not None:
+            raise ValueError("load_in_8bit/load_in_4bit need pretrained weights (model.pretrained: <folder>)")
+        tokenizer = local_tokenizer(spec.family)
+        if model_type == "tiny":
+            config = tiny_config(spec.family, spec.instruct, tokenizer, qformer_tokenizer)
+        else:
+            config_cls = InstructBlipConfig if spec.instruct else Blip2Config
+            config = config_cls(**copy.deepcopy(entry.config),
+                                image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        hf = _random_model(cls, config, dtype, seed)
+    else:
+        _check_checkpoint(arch, model_type, entry, pretrained, spec)
+        hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code)
+        if quant is not None and not freeze_llm:
+            raise ValueError("a quantised LLM cannot be trained; keep freeze_llm: true and add model.lora")
+
+    lora_parts: List[str] = []
+    if lora:
+        parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
+        lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
+    _set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
+    if use_grad_checkpoint:
+        _enable_checkpointing(hf)
+    model = VisionLanguageModel(hf, tokenizer, family=spec.family, instruct=spec.instruct, max_txt_len=max_txt_len,
+                                qformer_tokenizer=qformer_tokenizer, freeze_vit=freeze_vit)
+    return model.train()
+
+
+def _make_builder(arch: str):
+    def builder(**kwargs) -> VisionLanguageModel:
+        return build_vlm(arch, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = f"build_{arch}"
+    builder.__doc__ = f"Build a {arch} model (see `build_vlm`)."
+    # Expose build_vlm's keyword arguments, so callers can inspect what a builder takes.
+    sig = inspect.signature(build_vlm)
+    builder.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "arch"])
+    return builder
+
+
+build_blip2_opt = _make_builder("blip2_opt")
+build_blip2_t5 = _make_builder("blip2_t5")
+build_blip2_vicuna_instruct = _make_builder("blip2_vicuna_instruct")
+build_blip2_t5_instruct = _make_builder("blip2_t5_instruct")
+
+for _arch, _builder in (("blip2_opt", build_blip2_opt), ("blip2_t5", build_blip2_t5),
+                        ("blip2_vicuna_instruct", build_blip2_vicuna_instruct),
+                        ("blip2_t5_instruct", build_blip2_t5_instruct)):
+    MODELS.register(_arch, zoo=ARCHS[_arch].zoo, family=ARCHS[_arch].family, instruct=ARCHS[_arch].instruct)(_builder)

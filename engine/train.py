@@ -1,0 +1,170 @@
+"""Finetune a BLIP-2 model with DeepSpeed.
+
+    deepspeed --num_gpus 8 engine/train.py --recipe recipes/sherlock_opt2.7b.yaml \
+        --options run.init_lr=2e-5 run.output_dir=runs/opt27b-lr2e5
+    python engine/train.py --recipe recipes/tiny_sherlock.yaml      # one process, no launcher
+
+Reads top to bottom: config -> model -> data -> deepspeed.initialize -> loop -> save.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script (the deepspeed launcher does this): import the package, not sibling files.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, _root)
+
+from engine.config import ConfigError, ModelConfig, RunConfig, field_docs, load_recipe  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Recipe keys are listed by --help-recipe and in docs/recipes.md.",
+    )
+    p.add_argument("--recipe", help="recipe YAML (model / datasets / run sections)")
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe keys, e.g. run.init_lr=2e-5 model.freeze_vit=false")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in run.output_dir")
+    p.add_argument("--help-recipe", action="store_true", help="list every recipe key with its doc and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = p.parse_args(argv)
+    if args.help_recipe:
+        for section, cls in (("model", ModelConfig), ("run", RunConfig)):
+            print(f"[{section}]")
+            for name, tp, default, help_ in field_docs(cls):
+                print(f"  {section}.{name} ({tp}, default {default!r}): {help_}")
+        sys.exit(0)
+    if not args.recipe:
+        p.error("--recipe is required")
+    return args
+
+
+def single_process_env() -> None:
+    """Without the launcher, give torch.distributed a one-rank world (else DeepSpeed looks for MPI)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
+    """Refuse to mix two runs in one folder; return the checkpoint to resume from (or None)."""
+    from engine.trainer import checkpoint
+
+    r = recipe.run
+    out = r.output_dir
+    ckpt_root = os.path.join(out, "checkpoints")
+    if resume or r.resume_ckpt_path:
+        path = r.resume_ckpt_path
+        if path is None:
+            tag = checkpoint.latest_tag(ckpt_root)
+            if tag is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root} "
+                                        f"(check run.output_dir, or start without --resume)")
+            path = os.path.join(ckpt_root, tag)
+        return path
+    if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
+        if not r.overwrite_output_dir:
+            raise FileExistsError(
+                f"run.output_dir '{out}' already holds a run. Resume it with --resume, choose another folder "
+                f"(--options run.output_dir=...), or replace it with --options run.overwrite_output_dir=true"
+            )
+        if rank == 0:
+            shutil.rmtree(out)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    single_process_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    # 1. Config: every problem is reported before anything heavy is imported or built.
+    try:
+        recipe = load_recipe(args.recipe, args.options)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from engine.build import build_datasets, build_model
+    from engine.config import save_resolved
+    from engine.deepspeed_config import fill_ds_config, zero_stage
+    from engine.trainer.logs import logger, setup_logging
+    from engine.trainer.loop import Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups
+
+    r = recipe.run
+    resume_from = prepare_output_dir(recipe, args.resume, rank)
+    deepspeed.init_distributed()  # gloo on CPU, nccl on GPU; rendezvous from the launcher's env
+    if rank == 0:
+        os.makedirs(r.output_dir, exist_ok=True)
+        save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
+    torch.distributed.barrier()
+    setup_logging(r.output_dir, rank)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu)
+    logger.info("recipe %s, %d rank(s), ZeRO stage %d, %s, device %s", args.recipe, world, zero_stage(ds_config),
+                r.precision, get_accelerator().device_name())
+    deepspeed.runtime.utils.set_random_seed(r.seed)
+
+    # 2. Model. Under ZeRO-3 transformers partitions weights while they load (HfDeepSpeedConfig must stay alive).
+    hf_ds = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model = build_model(recipe)
+    for part, n in model.parameter_summary().items():
+        logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
+
+    # 3. Data. Augmentation randomness differs per rank; model init above did not.
+    torch.manual_seed(r.seed + rank)
+    datasets = build_datasets(recipe)
+    if r.evaluate:
+        micro = 1
+    else:
+        train_len = len(datasets[r.train_splits[0]])
+        micro = micro_batches_per_epoch(train_len, world, r.batch_size_train, r.accum_grad_iters)
+        logger.info("train split: %d samples, %d optimizer steps per epoch", train_len, micro // r.accum_grad_iters)
+
+    # 4. DeepSpeed.
+    steps_per_epoch = micro // r.accum_grad_iters
+    total = steps_per_epoch * r.max_epoch if r.max_steps is None else min(r.max_steps, steps_per_epoch * r.max_epoch)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
+        lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
+    )
+    trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
+                      output_dir=r.output_dir)
+    if resume_from:
+        trainer.resume(resume_from)
+
+    # 5. Train (or only evaluate), then save.
+    try:
+        if r.evaluate:
+            for split in list(r.valid_splits) + list(r.test_splits):
+                trainer.evaluate_split(split, "eval")
+        else:
+            trainer.fit()
+    finally:
+        trainer.close()
+    del hf_ds
+    logger.info("done: %s", r.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

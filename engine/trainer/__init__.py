@@ -1,0 +1,1 @@
+"""The DeepSpeed training loop and what it needs: LR schedules, checkpoints, logging."""

@@ -1,0 +1,147 @@
+"""Checkpoints: DeepSpeed's own format plus the engine's state, made visible atomically.
+
+Layout under ``output_dir/checkpoints/``::
+
+    <tag>/                 DeepSpeed files (model + optimizer shards) written by every rank
+    <tag>/rng_rank<R>.pt   each rank's RNG states (python, numpy, torch)
+    <tag>/engine_state.json  step, epoch, position in the epoch, metrics (rank 0)
+    <tag>/COMPLETE         written last, after every rank finished
+    latest                 the tag of the newest complete checkpoint (moved with os.replace)
+
+A checkpoint counts only once ``COMPLETE`` exists: ``latest`` moves after all
+ranks passed a barrier, so a crash mid-save leaves the previous one in charge.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
+
+
+def save(engine, root: str, tag: str, state: Dict[str, Any]) -> str:
+    """Save a checkpoint on every rank; returns its folder. ``latest`` moves only when all ranks are done."""
+    final = os.path.join(root, tag)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(final):  # a leftover of an interrupted save of the same tag
+            shutil.rmtree(final)
+    _barrier()
+    engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False)
+    torch.save(rng_state(), os.path.join(final, f"rng_rank{rank}.pt"))
+    _barrier()  # every rank's shards and RNG file are on disk
+    if rank == 0:
+        _atomic_write(os.path.join(final, "engine_state.json"), json.dumps(state, indent=2))
+        _atomic_write(os.path.join(final, COMPLETE), "")
+        _atomic_write(os.path.join(root, "latest"), tag)
+    _barrier()
+    return final
+
+
+def promote_best(root: str, src_tag: str) -> None:
+    """Make ``best`` a copy of a complete checkpoint, replacing the old one only once the copy is whole."""
+    if _rank() == 0:
+        src, best = os.path.join(root, src_tag), os.path.join(root, "best")
+        tmp, old = best + ".incoming", best + ".old"
+        for p in (tmp, old):
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+        shutil.copytree(src, tmp)
+        if os.path.isdir(best):
+            os.replace(best, old)
+        os.replace(tmp, best)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    _barrier()
+
+
+def latest_tag(root: str) -> Optional[str]:
+    path = os.path.join(root, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "r", encoding="utf-8") as f:
+        tag = f.read().strip()
+    return tag if tag and is_complete(os.path.join(root, tag)) else None
+
+
+def load(engine, ckpt_dir: str) -> Dict[str, Any]:
+    """Restore model, optimizer, LR schedule and this rank's RNG; return the engine state."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(
+            f"{ckpt_dir} is not a complete checkpoint of this engine (no {COMPLETE} marker: the save was "
+            f"interrupted or the folder is something else); resume from checkpoints/latest instead"
+        )
+    root, tag = os.path.split(ckpt_dir)
+    path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
+    rng_file = os.path.join(ckpt_dir, f"rng_rank{_rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def prune(root: str, keep_last: int, protect: List[str]) -> None:
+    """Delete all but the newest ``keep_last`` step/epoch checkpoints; never ``best`` or protected tags."""
+    if keep_last <= 0 or _rank() != 0 or not os.path.isdir(root):
+        return
+    tags = []
+    for name in os.listdir(root):
+        d = os.path.join(root, name)
+        if name in ("best",) or name in protect or not is_complete(d):
+            continue
+        with open(os.path.join(d, "engine_state.json"), "r", encoding="utf-8") as f:
+            tags.append((json.load(f)["global_step"], name))
+    for _, name in sorted(tags)[:-keep_last]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -1,0 +1,275 @@
+"""The training loop around a DeepSpeed engine.
+
+One class, one step function: forward -> backward -> step, with logging,
+evaluation and checkpointing at the boundaries. The same code runs ZeRO-2,
+ZeRO-3 and their offload variants, on one process or many, CPU or GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from engine.config import Recipe
+from engine.data.collate import collate
+from engine.data.sampler import ExactDistributedSampler
+from engine.build import build_task
+from engine.tasks import write_predictions
+from engine.trainer import checkpoint
+from engine.trainer.logs import RunLog
+from engine.trainer.schedule import StepLR, lr_at
+
+logger = logging.getLogger("engine")
+
+_NO_DECAY = ("bias", "norm", "ln_", "layernorm", "query_tokens", "embed_positions", "position_embedding")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases, norms and 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # ZeRO-3 partitions parameters to 1-d shards; ds_shape keeps the real shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        if ndim < 2 or any(k in name.lower() for k in _NO_DECAY):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_scheduler_factory(recipe: Recipe, total_steps: int, steps_per_epoch: int):
+    r = recipe.run
+
+    def fn(step: int) -> float:
+        return lr_at(step, sched=r.lr_sched, init_lr=r.init_lr, min_lr=r.min_lr, warmup_lr=r.warmup_lr,
+                     warmup_steps=r.warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                     decay_rate=r.lr_decay_rate)
+
+    return lambda optimizer: StepLR(optimizer, fn)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Trainer:
+    def __init__(self, engine, recipe: Recipe, datasets: Dict[str, Any], *, rank: int, world_size: int,
+                 micro_batches_per_epoch: int, output_dir: str):
+        self.engine = engine
+        self.model = engine.module
+        self.recipe = recipe
+        self.run = recipe.run
+        self.datasets = datasets
+        self.rank, self.world = rank, world_size
+        self.output_dir = output_dir
+        self.ckpt_root = os.path.join(output_dir, "checkpoints")
+        self.device = engine.device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.run.precision, torch.float32)
+        self.stage3 = engine.zero_optimization_stage() == 3
+        self.micro_per_epoch = micro_batches_per_epoch
+        self.log = RunLog(output_dir, enabled=rank == 0)
+        self.task = build_task(recipe)
+        # Progress, saved in every checkpoint.
+        self.global_step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.best_score: Optional[float] = None
+        self.best_tag: Optional[str] = None
+        self.evals_without_improvement = 0
+
+    # ------------------------------------------------------------------ data
+    def train_loader(self, epoch: int, start_micro: int):
+        split = self.run.train_splits[0]
+        ds = self.datasets[split]
+        # even=True: every rank gets the same number of samples (DeepSpeed steps in lockstep).
+        sampler = ExactDistributedSampler(len(ds), self.world, self.rank, shuffle=True, seed=self.run.seed,
+                                          even=True)
+        sampler.set_epoch(epoch)
+        sampler.set_start(start_micro * self.run.batch_size_train)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=self.run.batch_size_train, sampler=sampler, collate_fn=collate,
+            num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, drop_last=False,
+            # Workers' augmentation RNG follows the seed, epoch and rank, so a resumed run sees the same crops.
+            generator=torch.Generator().manual_seed(self.run.seed * 1000003 + epoch * 101 + self.rank),
+        )
+
+    def eval_loader(self, split: str):
+        ds = self.datasets[split]
+        n = len(ds) if self.run.max_eval_samples is None else min(len(ds), self.run.max_eval_samples)
+        sampler = ExactDistributedSampler(n, self.world, self.rank, shuffle=False)
+        return torch.utils.data.DataLoader(ds, batch_size=self.run.batch_size_eval, sampler=sampler,
+                                           collate_fn=collate, num_workers=self.run.num_workers)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> Dict[str, Any]:
+        return {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                "best_score": self.best_score, "best_tag": self.best_tag,
+                "evals_without_improvement": self.evals_without_improvement, "world_size": self.world,
+                "recipe": self.recipe.to_dict()}
+
+    def resume(self, ckpt_dir: str) -> None:
+        st = checkpoint.load(self.engine, ckpt_dir)
+        if st.get("world_size") not in (None, self.world):
+            logger.warning("resuming a %s-rank run on %s ranks: the data order differs from the original run",
+                           st.get("world_size"), self.world)
+        self.global_step, self.epoch, self.micro_in_epoch = st["global_step"], st["epoch"], st["micro_in_epoch"]
+        self.best_score, self.best_tag = st.get("best_score"), st.get("best_tag")
+        self.evals_without_improvement = st.get("evals_without_improvement", 0)
+        if self.micro_in_epoch >= self.micro_per_epoch:
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+        logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", ckpt_dir, self.global_step,
+                    self.epoch, self.micro_in_epoch)
+
+    def save(self, tag: str) -> str:
+        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state())
+        checkpoint.prune(self.ckpt_root, self.run.keep_last, protect=[tag, self.best_tag or ""])
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ train
+    def _reduce_mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def train_step(self, batch: Dict[str, Any]) -> torch.Tensor:
+        image = batch["image"].to(self.device, non_blocking=True)
+        loss = self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"])
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def fit(self) -> None:
+        r = self.run
+        total_steps = self.total_steps()
+        bar = tqdm(total=total_steps, initial=self.global_step, disable=self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        window_loss, window_n, t0, samples = 0.0, 0, time.perf_counter(), 0
+        stop = False
+        while self.epoch < r.max_epoch and not stop:
+            self.model.train()
+            loader = self.train_loader(self.epoch, self.micro_in_epoch)
+            for batch in loader:
+                if self.micro_in_epoch >= self.micro_per_epoch:
+                    break  # every rank stops after the same number of micro-batches
+                loss = self.train_step(batch)
+                window_loss += float(loss)
+                window_n += 1
+                samples += len(batch["prompt"])
+                self.micro_in_epoch += 1
+                if window_n < r.accum_grad_iters:
+                    continue  # DeepSpeed only stepped the optimizer at the accumulation boundary
+                self.global_step += 1
+                elapsed = time.perf_counter() - t0
+                values = {
+                    "loss": self._reduce_mean(window_loss / window_n),
+                    "lr": self.engine.get_lr()[0],
+                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "samples_per_s": samples * self.world / max(elapsed, 1e-9),
+                    "peak_mem_gb": _peak_mem_gb(self.device),
+                    "epoch": self.epoch + self.micro_in_epoch / self.micro_per_epoch,
+                }
+                self.log.step(self.global_step, values)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                if self.global_step % r.log_freq == 0 or self.global_step == 1:
+                    logger.info("step %d epoch %d loss %.4f lr %.3e grad_norm %.3f %.1f samples/s",
+                                self.global_step, self.epoch, values["loss"], values["lr"], values["grad_norm"],
+                                values["samples_per_s"])
+                window_loss, window_n, t0, samples = 0.0, 0, time.perf_counter(), 0
+                if r.save_every_steps and self.global_step % r.save_every_steps == 0:
+                    self.save(f"step{self.global_step}")
+                if r.max_steps is not None and self.global_step >= r.max_steps:
+                    stop = True
+                    break
+            finished_epoch = self.micro_in_epoch >= self.micro_per_epoch
+            tag = f"epoch{self.epoch}" if finished_epoch else f"step{self.global_step}"
+            if finished_epoch:
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+            self.save(tag)
+            if r.val_freq and r.valid_splits and (self.epoch % r.val_freq == 0 or stop or self.epoch >= r.max_epoch):
+                if self.validate(tag):
+                    stop = True
+        bar.close()
+        if r.test_splits:
+            self.test()
+
+    def total_steps(self) -> int:
+        r = self.run
+        per_epoch = self.micro_per_epoch // r.accum_grad_iters
+        total = per_epoch * r.max_epoch
+        return min(total, r.max_steps) if r.max_steps is not None else total
+
+    # ------------------------------------------------------------------ eval
+    def evaluate_split(self, split: str, tag: str) -> Optional[Dict[str, float]]:
+        r = self.run
+        self.model.eval()
+        predictions, metrics = self.task.evaluate(self.model, self.eval_loader(split), device=self.device,
+                                                  dtype=self.dtype, synced_gpus=self.stage3)
+        self.model.train()
+        if self.rank == 0 and predictions is not None:
+            write_predictions(predictions, os.path.join(self.output_dir, "predictions", f"{split}_{tag}.json"))
+        if metrics:
+            logger.info("eval %s @ %s: %s", split, tag, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.log.eval(self.global_step, self.epoch, split, metrics, samples=(predictions or [])[:5])
+        return metrics
+
+    def validate(self, tag: str) -> bool:
+        """Evaluate the valid splits; promote ``best``; return True when early stopping says stop."""
+        r = self.run
+        first = None
+        for split in r.valid_splits:
+            m = self.evaluate_split(split, tag)
+            first = m if first is None else first
+        if not first:
+            return False
+        score = self.task.best_score(first)
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_tag = score, tag
+            self.evals_without_improvement = 0
+            checkpoint.promote_best(self.ckpt_root, tag)
+            logger.info("new best %s = %.4f at %s", self.task.best_metric, score, tag)
+        else:
+            self.evals_without_improvement += 1
+        return bool(r.patience) and self.evals_without_improvement >= r.patience
+
+    def test(self) -> None:
+        best = os.path.join(self.ckpt_root, "best")
+        if checkpoint.is_complete(best):
+            checkpoint.load(self.engine, best)
+        for split in self.run.test_splits:
+            self.evaluate_split(split, "best" if checkpoint.is_complete(best) else "last")
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def micro_batches_per_epoch(num_samples: int, world: int, batch_size: int, accum: int) -> int:
+    """Micro-batches every rank runs per epoch: whole global batches only, a multiple of ``accum``."""
+    per_rank = num_samples // world  # every rank has at least this many samples
+    micro = per_rank // batch_size
+    micro -= micro % accum
+    if micro < accum:
+        raise ValueError(
+            f"the training split has {num_samples} samples: too few for {world} rank(s) x batch "
+            f"{batch_size} x accumulation {accum}; lower run.batch_size_train or run.accum_grad_iters"
+        )
+    return micro
+

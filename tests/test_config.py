@@ -1,0 +1,147 @@
+import json
+import logging
+import os
+
+import pytest
+import yaml
+
+from engine.config import ConfigError, load_recipe, parse_recipe, save_resolved
+from engine.deepspeed_config import fill_ds_config
+from engine.trainer.schedule import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+
+
+def tiny(**run):
+    return {
+        "model": {"arch": "blip2_opt", "model_type": "tiny", "prompt": "Inference: "},
+        "datasets": {"sherlock": {"root": "/tmp/nowhere"}},
+        "run": {"deepspeed": "ds_configs/zero2.json", "output_dir": "/tmp/x", **run},
+    }
+
+
+def problems_of(data, **kw):
+    with pytest.raises(ConfigError) as ei:
+        parse_recipe(data, source="t.yaml", **kw)
+    return ei.value, str(ei.value)
+
+
+def test_typo_gets_did_you_mean_and_all_problems_are_reported_together():
+    data = tiny(init_lrr=1e-4, max_epoch="five")
+    data["model"]["frezze_vit"] = False
+    err, text = problems_of(data)
+    assert len(err.problems) == 3
+    assert "run.init_lrr: unknown key; did you mean 'init_lr'?" in text
+    assert "model.frezze_vit: unknown key; did you mean 'freeze_vit'?" in text
+    assert "run.max_epoch: 'five' should be an integer" in text
+    assert "t.yaml" in text
+
+
+def test_choice_and_unknown_registry_names_list_alternatives():
+    data = tiny(precision="bf61")
+    data["model"]["arch"] = "blip2_opp"
+    err, text = problems_of(data)
+    assert "model.arch: unknown model 'blip2_opp'. Did you mean 'blip2_opt'" in text
+    assert "python -m engine list" in text
+    data = tiny(precision="bf61")
+    _, text = problems_of(data)
+    assert "run.precision: 'bf61' is not allowed; choose one of bf16, fp16, fp32; did you mean 'bf16'?" in text
+
+
+def test_yaml_scientific_notation_and_options_override():
+    data = tiny(init_lr="1e-5")  # PyYAML reads 1e-5 without a dot as a string
+    r = parse_recipe(data, options=["run.init_lr=3e-4", "model.freeze_vit=false", "run.valid_splits=[val,test]"])
+    assert r.run.init_lr == pytest.approx(3e-4)
+    assert r.model.freeze_vit is False
+    assert r.run.valid_splits == ["val", "test"]
+
+
+def test_priority_zoo_then_recipe_then_options():
+    data = tiny()
+    r = parse_recipe(data)
+    assert r.model.image_size == 64  # from the tiny zoo entry
+    data["model"]["image_size"] = 32
+    assert parse_recipe(data).model.image_size == 32  # the recipe beats the zoo
+    assert parse_recipe(data, options=["model.image_size=48"]).model.image_size == 48  # options beat both
+
+
+def test_launcher_keys_are_accepted_with_a_warning(caplog):
+    data = tiny(device="cuda", world_size=8, dist_url="env://", distributed=True)
+    with caplog.at_level(logging.WARNING):
+        parse_recipe(data)
+    assert "run.world_size is ignored" in caplog.text and "run.dist_url is ignored" in caplog.text
+
+
+def test_contradictions(tmp_path):
+    data = tiny(min_lr=1e-3, init_lr=1e-4)
+    data["model"].update(freeze_vit=True, freeze_qformer=True, freeze_llm=True)
+    _, text = problems_of(data)
+    assert "run.min_lr" in text and "nothing would train" in text
+
+
+def write_ds(tmp_path, **fields):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
+    for k, v in fields.items():
+        cfg[k] = v
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def test_ds_config_disagreement_is_an_error(tmp_path):
+    ds = write_ds(tmp_path, train_micro_batch_size_per_gpu=4, bf16={"enabled": False})
+    _, text = problems_of(tiny(deepspeed=ds, batch_size_train=8, precision="bf16"))
+    assert "train_micro_batch_size_per_gpu=4 but run.batch_size_train=8" in text
+    assert "bf16.enabled=False but run.precision='bf16'" in text
+
+
+def test_offload_param_needs_stage3(tmp_path):
+    ds = write_ds(tmp_path, zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}})
+    _, text = problems_of(tiny(deepspeed=ds))
+    assert "offload_param" in text and "stage 3" in text
+
+
+def test_fill_ds_config_from_recipe():
+    r = parse_recipe(tiny(batch_size_train=4, accum_grad_iters=2, grad_clip=0.5, precision="fp32", init_lr=2e-4))
+    ds = fill_ds_config(r, world_size=3, on_cpu=True)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False and "fp16" not in ds and "scheduler" not in ds
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="fp16.*needs a GPU"):
+        fill_ds_config(parse_recipe(tiny(precision="fp16")), world_size=1, on_cpu=True)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(RECIPES) if f.endswith(".yaml")))
+def test_every_shipped_recipe_validates(name):
+    # Weights and data folders may be absent here: validation must not need them.
+    r = load_recipe(os.path.join(RECIPES, name))
+    assert r.datasets and r.model.arch
+
+
+def test_resolved_config_round_trips(tmp_path):
+    r = load_recipe(os.path.join(RECIPES, "tiny_sherlock.yaml"), options=["run.init_lr=5e-4"])
+    out = tmp_path / "config.yaml"
+    save_resolved(r, str(out))
+    again = load_recipe(str(out))
+    assert again.to_dict() == r.to_dict()
+    assert yaml.safe_load(out.read_text())["run"]["init_lr"] == 5e-4
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(p))
+
+
+def test_cosine_schedule_shape():
+    kw = dict(sched="linear_warmup_cosine_lr", init_lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10,
+              total_steps=110, steps_per_epoch=50, decay_rate=0.9)
+    assert lr_at(0, **kw) == pytest.approx(1e-6)
+    assert lr_at(5, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(110, **kw) == pytest.approx(1e-5)
+    assert lr_at(60, **{**kw, "sched": "linear_warmup_step_lr"}) == pytest.approx(1e-3 * 0.9)
