@@ -12,7 +12,7 @@ setup(
         "torch>=2.1",
         "torchvision",
         "deepspeed>=0.15",
-        "transformers>=4.46",
+        "transformers>=5.0",
         "accelerate>=0.34",
         "peft>=0.13",
         "timm>=1.0",

@@ -123,9 +123,11 @@ class VisionLanguageModel(nn.Module):
         self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        # Sentencepiece-like tokenizers (T5, LLaMA) give "dog" and " dog" the same
-        # tokens; byte-level BPE (OPT) does not. See `_split`.
-        self._prefix_space = self._ids(["dog"])[0] == self._ids([" dog"])[0]
+        # Sentencepiece-like tokenizers (T5, LLaMA) start a lone word with a word-boundary
+        # marker, so "dog" alone tokenises as it does inside "a dog"; byte-level BPE (OPT)
+        # needs the space. See `_split`.
+        a, a_dog, dog = self._ids(["a", "a dog", "dog"])
+        self._prefix_space = a_dog[len(a):] == dog
 
     # ---------------------------------------------------------------- inputs
     def _ids(self, texts: Sequence[str]) -> List[List[int]]:
@@ -148,6 +150,12 @@ class VisionLanguageModel(nn.Module):
                                      return_tensors="pt")
         return {"qformer_input_ids": enc["input_ids"].to(device),
                 "qformer_attention_mask": enc["attention_mask"].to(device)}
+
+    def _encoder_rows(self, prompt: Sequence[str]) -> List[List[int]]:
+        """T5 encoder ids: `[<image> x Nq] prompt [eos]`, at most max_txt_len text tokens."""
+        keep = max(self.max_txt_len - 1, 0)
+        head = [self.image_token_id] * self.num_query_tokens
+        return [head + p[:keep] + [self.eos_id] for p in self._ids([p.strip() for p in prompt])]
 
     def build_inputs(self, prompt: Sequence[str], text_output: Sequence[str], device=None) -> Dict[str, torch.Tensor]:
         """Tensors for `self.hf(pixel_values=..., **inputs)`, labels included.
@@ -176,8 +184,8 @@ class VisionLanguageModel(nn.Module):
             inputs.update(input_ids=input_ids, attention_mask=_pad([[1] * len(r) for r in rows], 0),
                           labels=_pad(labels, IGNORE_INDEX))
         else:
-            keep = max(self.max_txt_len - 1, 0)  # room for the eos
-            rows = [[img] * nq + p[:keep] + [self.eos_id] for p in self._ids([p.strip() for p in prompt])]
+            rows = self._encoder_rows(prompt)
+            keep = max(self.max_txt_len - 1, 0)  # room for the eos, which T5 keeps (as LAVIS)
             targets = [t[:keep] + [self.eos_id] for t in self._ids(text_output)]
             inputs.update(input_ids=_pad(rows, self.pad_id),
                           attention_mask=_pad([[1] * len(r) for r in rows], 0),
@@ -204,15 +212,12 @@ class VisionLanguageModel(nn.Module):
         """Mean log-likelihood per sample of `text_output` (+ eos) given image and prompt, shape [B]."""
         pixels, interpolate = self._pixels(image)
         inputs = self.build_inputs(prompt, text_output, image.device)
-        labels = inputs["labels"]
+        # T5 needs the labels (its decoder inputs are the shifted labels); decoder-only
+        # models would only spend time on a batch-mean loss we do not use.
+        labels = inputs.pop("labels") if self.decoder_only else inputs["labels"]
+        logits = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False, **inputs).logits
         if self.decoder_only:
-            del inputs["labels"]  # the model's own loss would be a wasted batch mean
-            logits = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False,
-                             **inputs).logits[:, :-1]
-            labels = labels[:, 1:]  # logits at position i predict token i + 1
-        else:
-            logits = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False,
-                             **inputs).logits
+            logits, labels = logits[:, :-1], labels[:, 1:]  # logits at position i predict token i + 1
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                               reduction="none").view(labels.shape)
         n = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
@@ -238,8 +243,7 @@ class VisionLanguageModel(nn.Module):
             input_ids = _pad(rows, self.pad_id, left=True)
             attention = _pad([[1] * len(r) for r in rows], 0, left=True)
         else:
-            keep = max(self.max_txt_len - 1, 0)
-            rows = [[img] * nq + p[:keep] + [self.eos_id] for p in self._ids([p.strip() for p in prompt])]
+            rows = self._encoder_rows(prompt)
             input_ids = _pad(rows, self.pad_id)
             attention = _pad([[1] * len(r) for r in rows], 0)
         options = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len,

@@ -88,19 +88,14 @@ def save(engine, root: str, tag: str, state: Dict[str, Any]) -> str:
 
 
 def promote_best(root: str, src_tag: str) -> None:
-    """Make ``best`` a copy of a complete checkpoint, replacing the old one only once the copy is whole."""
+    """Point ``best`` at a complete checkpoint: a symlink swapped in one os.replace (no copy of the weights)."""
     if _rank() == 0:
-        src, best = os.path.join(root, src_tag), os.path.join(root, "best")
-        tmp, old = best + ".incoming", best + ".old"
-        for p in (tmp, old):
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-        shutil.copytree(src, tmp)
-        if os.path.isdir(best):
-            os.replace(best, old)
+        best = os.path.join(root, "best")
+        tmp = best + ".incoming"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(src_tag, tmp)
         os.replace(tmp, best)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
     _barrier()
 
 
@@ -139,7 +134,7 @@ def prune(root: str, keep_last: int, protect: List[str]) -> None:
     tags = []
     for name in os.listdir(root):
         d = os.path.join(root, name)
-        if name in ("best",) or name in protect or not is_complete(d):
+        if name == "best" or os.path.islink(d) or name in protect or not is_complete(d):
             continue
         with open(os.path.join(d, "engine_state.json"), "r", encoding="utf-8") as f:
             tags.append((json.load(f)["global_step"], name))

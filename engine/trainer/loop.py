@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -159,8 +160,9 @@ class Trainer:
     def fit(self) -> None:
         r = self.run
         total_steps = self.total_steps()
-        bar = tqdm(total=total_steps, initial=self.global_step, disable=self.rank != 0, desc="train",
-                   dynamic_ncols=True)
+        # The bar is for people watching a terminal; logs and CI get the periodic log lines instead.
+        bar = tqdm(total=total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+                   disable=self.rank != 0 or not sys.stderr.isatty())
         window_loss, window_n, t0, samples = 0.0, 0, time.perf_counter(), 0
         stop = False
         while self.epoch < r.max_epoch and not stop:

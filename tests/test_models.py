@@ -1,0 +1,265 @@
+"""Model builders and the VisionLanguageModel wrapper, on every registered arch's tiny model (CPU)."""
+import inspect
+import json
+
+import pytest
+import torch
+
+from engine.models import (
+    DEFAULT_TARGETS,
+    IGNORE_INDEX,
+    WeightsNotFoundError,
+    merge_lora,
+)
+from engine.registry import MODELS
+
+ARCHS = [entry.name for entry in MODELS]
+PROMPTS = ["a photo of ", "question: what is in the highlighted region?"]
+TARGETS = ["a red circle", "a blue square on the left of a green triangle"]
+
+
+def build(arch, **kwargs):
+    kwargs.setdefault("model_type", "tiny")
+    return MODELS.get(arch)(**kwargs)
+
+
+def images(n=2, seed=0, size=64):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def text_ids(model, text):
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_registry_has_the_four_archs_each_with_tiny_and_official_checkpoints():
+    assert {"blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"} <= set(ARCHS)
+    for entry in MODELS:
+        assert "tiny" in entry.zoo and entry.zoo["tiny"].hf_name is None
+        assert entry.zoo["tiny"].defaults["image_size"] == 64
+        for model_type, zoo_entry in entry.zoo.items():
+            if model_type != "tiny":
+                assert zoo_entry.hf_name.startswith("Salesforce/") and zoo_entry.config
+        assert "model_type" in inspect.signature(entry.obj).parameters
+    assert MODELS.get("blip2_opt").zoo["caption_coco_opt2.7b"].hf_name == "Salesforce/blip2-opt-2.7b-coco"
+    assert MODELS.get("blip2_opt").zoo["caption_coco_opt2.7b"].defaults["prompt"] == "a photo of "
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward_grads_only_on_trainable(arch):
+    model = build(arch)
+    loss = model(images(), PROMPTS, TARGETS)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    summary = model.parameter_summary()
+    assert summary["vision"]["trainable"] == 0 and summary["llm"]["trainable"] == 0  # BLIP-2 defaults
+    assert summary["qformer"]["trainable"] > 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert name.startswith(("hf.qformer.", "hf.query_tokens", "hf.language_projection.")), name
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_label_masking_exact_positions(arch):
+    model = build(arch, max_txt_len=32)
+    nq, img, eos = model.num_query_tokens, model.image_token_id, model.tokenizer.eos_token_id
+    batch = model.build_inputs(["a photo of ", "why?"], ["a dog", "because it is raining outside today"], "cpu")
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    if model.decoder_only:
+        bos, pad = model.tokenizer.bos_token_id, model.pad_id
+        # Tokenised apart; the prompt's trailing space goes with the target (byte-level BPE only).
+        space = "" if model._prefix_space else " "
+        rows = [([bos] + text_ids(model, "a photo of"), text_ids(model, space + "a dog") + [eos]),
+                ([bos] + text_ids(model, "why?"), text_ids(model, "because it is raining outside today") + [eos])]
+        width = nq + max(len(h) + len(t) for h, t in rows)
+        for i, (head, tail) in enumerate(rows):
+            n_pad = width - nq - len(head) - len(tail)
+            assert ids[i] == [img] * nq + head + tail + [pad] * n_pad
+            assert labels[i] == [IGNORE_INDEX] * (nq + len(head)) + tail + [IGNORE_INDEX] * n_pad
+            assert batch["attention_mask"][i].tolist() == [1] * (width - n_pad) + [0] * n_pad
+    else:
+        enc = [[img] * nq + text_ids(model, "a photo of") + [eos], [img] * nq + text_ids(model, "why?") + [eos]]
+        dec = [text_ids(model, "a dog") + [eos], text_ids(model, "because it is raining outside today") + [eos]]
+        for i in range(2):
+            assert ids[i][: len(enc[i])] == enc[i] and set(ids[i][len(enc[i]):]) <= {model.pad_id}
+            assert labels[i] == dec[i] + [IGNORE_INDEX] * (len(labels[i]) - len(dec[i]))
+    # every row carries exactly num_query_tokens image placeholders, where transformers puts the image
+    assert (batch["input_ids"] == img).sum(1).tolist() == [nq, nq]
+    if model.instruct:
+        assert batch["qformer_input_ids"].shape[0] == 2 and batch["qformer_attention_mask"].sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_truncation_keeps_max_txt_len_text_tokens(arch):
+    model = build(arch, max_txt_len=6)
+    batch = model.build_inputs(["a long prompt about the picture"], ["a very long target " * 5], "cpu")
+    nq = model.num_query_tokens
+    if model.decoder_only:
+        assert batch["input_ids"].shape[1] == nq + 6
+    else:
+        assert batch["input_ids"].shape[1] == nq + 6 and batch["labels"].shape[1] == 6
+        assert batch["labels"][0, -1] == model.tokenizer.eos_token_id  # T5 keeps its eos, as LAVIS does
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_image_changes_the_loss(arch):
+    # Without the <image> placeholder ids transformers silently drops the image; prove it is used.
+    model = build(arch).eval()
+    dark, bright = torch.zeros(2, 3, 64, 64), torch.full((2, 3, 64, 64), 2.0)
+    with torch.no_grad():
+        a, a_again, b = (model(x, PROMPTS, TARGETS).item() for x in (dark, dark.clone(), bright))
+    assert a == a_again  # deterministic, so any difference below comes from the image
+    assert abs(a - b) > 1e-5  # a random tiny model is near-uniform; the image moves the loss by ~1e-4
+    image = images().requires_grad_(True)
+    model(image, PROMPTS, TARGETS).backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_batched_left_padding(arch):
+    model = build(arch).eval()
+    prompts = ["a photo of ", "question: what is in the picture? answer:"]
+    out = model.generate(images(), prompts, num_beams=2, max_len=5)
+    assert isinstance(out, list) and len(out) == 2 and all(isinstance(s, str) for s in out)
+    # greedy decoding of a padded batch equals decoding each sample alone
+    batch = model.generate(images(), prompts, num_beams=1, max_len=6)
+    alone = [model.generate(images()[i:i + 1], [p], num_beams=1, max_len=6)[0] for i, p in enumerate(prompts)]
+    assert batch == alone
+    assert len(model.generate(images(1), [""], num_beams=1, max_len=3, use_nucleus_sampling=True)) == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_score_is_mean_target_loglik(arch):
+    model = build(arch).eval()
+    scores = model.score(images(), PROMPTS, TARGETS)
+    assert scores.shape == (2,) and torch.all(scores < 0)
+    with torch.no_grad():
+        loss = model(images()[:1], PROMPTS[:1], TARGETS[:1])
+    torch.testing.assert_close(scores[0], -loss, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overfits_two_samples(arch):
+    # A frozen random tiny LLM barely responds to the soft prompt, so train it too here.
+    model = build(arch, freeze_llm=False)
+    opt = torch.optim.Adam([p for _, p in model.trainable_parameters()], lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(images(), PROMPTS, TARGETS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_frozen_parts_and_grad_checkpointing_match_plain_grads():
+    plain = build("blip2_opt", freeze_vit=False, freeze_llm=False)
+    ckpt = build("blip2_opt", freeze_vit=False, freeze_llm=False, use_grad_checkpoint=True)
+    for m in (plain, ckpt):
+        m(images(), PROMPTS, TARGETS).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    only_llm = build("blip2_t5", freeze_qformer=True, freeze_llm=False, use_grad_checkpoint=True)
+    s = only_llm.parameter_summary()
+    assert s["qformer"]["trainable"] == 0 and s["vision"]["trainable"] == 0
+    assert s["llm"]["trainable"] == s["llm"]["total"] > 0
+    only_llm(images(), PROMPTS, TARGETS).backward()  # checkpointing with frozen vision tower and Q-Former
+    assert not only_llm.hf.vision_model.training  # a frozen ViT stays in eval mode
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_only_on_llm_targets(arch):
+    model = build(arch, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    targets = DEFAULT_TARGETS[model.family]
+    adapted = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    assert adapted, "no LoRA modules"
+    for name in adapted:
+        assert name.startswith("hf.language_model."), name
+        assert name.split(".")[-2] in targets, name
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert "lora_" in name or name.startswith(("hf.qformer.", "hf.query_tokens", "hf.language_projection.")), name
+        elif "lora_" in name:
+            pytest.fail(f"{name} is frozen")
+    s = model.parameter_summary()
+    assert s["lora"]["trainable"] == s["lora"]["total"] > 0 and s["llm"]["trainable"] == 0
+    model(images(), PROMPTS, TARGETS).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_lora_on_qformer_and_merge():
+    model = build("blip2_opt", lora={"r": 4, "alpha": 8, "on": ["llm", "qformer"]}).eval()
+    names = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    assert any(n.startswith("hf.qformer.") for n in names) and any(n.startswith("hf.language_model.") for n in names)
+    assert not any(n.startswith("hf.vision_model.") for n in names)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # peft starts B at zero; make the adapters do something
+                p.normal_(0, 0.1)
+        before = model(images(), PROMPTS, TARGETS)
+        assert merge_lora(model.hf) == len(names)
+        assert not any("lora_" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(images(), PROMPTS, TARGETS), before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="allowed parts"):
+        build("blip2_opt", lora={"r": 4, "on": ["visual"]})
+
+
+def test_unknown_model_type_names_close_match():
+    with pytest.raises(ValueError, match="pretrain_opt2.7b"):
+        build("blip2_opt", model_type="pretrain_opt27b")
+
+
+def test_missing_weights_name_path_and_checkpoint(tmp_path):
+    missing = tmp_path / "blip2-opt-2.7b"
+    with pytest.raises(WeightsNotFoundError) as err:
+        build("blip2_opt", model_type="pretrain_opt2.7b", pretrained=str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg and "Salesforce/blip2-opt-2.7b" in msg and "huggingface-cli download" in msg
+    assert isinstance(err.value, FileNotFoundError)
+    with pytest.raises(WeightsNotFoundError, match="Salesforce/instructblip-vicuna-7b"):
+        build("blip2_vicuna_instruct", model_type="vicuna7b", pretrained=None)
+    with pytest.raises(WeightsNotFoundError, match="config.json"):
+        build("blip2_t5", model_type="pretrain_flant5xl", pretrained=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2", "text_config": {"model_type": "opt"}}))
+    with pytest.raises(ValueError, match="'t5'"):
+        build("blip2_t5", model_type="pretrain_flant5xl", pretrained=str(tmp_path))
+
+
+def test_dtype_and_quantization_guards():
+    with pytest.raises(ValueError, match="bf16"):
+        build("blip2_t5", torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="bf16"):
+        build("blip2_t5_instruct", torch_dtype="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            build("blip2_opt", load_in_8bit=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_from_local_checkpoint_folder(arch, tmp_path):
+    model = build(arch).eval()
+    image_token = model.hf.config.image_token_index
+    if arch == "blip2_opt":
+        model.hf.config.image_token_index = None  # as in checkpoints older than the <image> placeholder
+    model.hf.save_pretrained(tmp_path)
+    model.hf.config.image_token_index = image_token
+    model.tokenizer.save_pretrained(tmp_path)
+    if model.instruct:
+        model.qformer_tokenizer.save_pretrained(tmp_path / "qformer_tokenizer")
+    official = next(t for t in MODELS.get(arch).zoo if t != "tiny")
+    loaded = build(arch, model_type=official, pretrained=str(tmp_path)).eval()
+    assert loaded.image_token_id == model.tokenizer.convert_tokens_to_ids("<image>")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images(), PROMPTS, TARGETS), model(images(), PROMPTS, TARGETS))
+
+
+def test_random_mode_builds_official_opt27b_on_meta():
+    with torch.device("meta"):
+        model = build("blip2_opt", model_type="pretrain_opt2.7b", pretrained="random")
+    s = model.parameter_summary()
+    assert s["all"]["total"] == 3_744_679_936  # BLIP-2 OPT-2.7b, tied embeddings
+    assert s["qformer"]["trainable"] == s["all"]["trainable"] == 107_130_880
+    assert model.hf.query_tokens.is_meta and model.image_size == 224
