@@ -106,6 +106,8 @@ class RunConfig:
                           "runs/default")
     overwrite_output_dir: bool = doc("Allow writing into a non-empty output_dir that holds another run.", False)
     resume_ckpt_path: Optional[str] = doc("Checkpoint folder to resume from (or use --resume for the latest).", None)
+    allow_recipe_change: bool = doc("On resume, accept changed schedule/data keys (architecture keys never change).",
+                                    False)
     evaluate: bool = doc("Only evaluate (no training).", False)
     train_splits: List[str] = doc("Dataset splits used for training.", ["train"])
     valid_splits: List[str] = doc("Splits evaluated every val_freq epochs; the first chooses the best checkpoint.",

@@ -72,7 +72,11 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root} "
                                         f"(check run.output_dir, or start without --resume)")
             path = os.path.join(ckpt_root, tag)
-        return path
+        inside = os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
+        if inside or r.evaluate or not (os.path.isdir(out) and os.listdir(out)):
+            return path
+        raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "
+                              f"is not part of it; choose an empty run.output_dir")
     if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
         if not r.overwrite_output_dir:
             raise FileExistsError(
@@ -84,17 +88,42 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
     return None
 
 
+class UsageError(Exception):
+    """A problem with the recipe, the paths or the data, found before training: exit code 2."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
+    from engine.data.errors import DatasetError
+    from engine.trainer.checkpoint import CheckpointSaveError
+
+    try:
+        return run(args)
+    except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+def run(args) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     # 1. Config: every problem is reported before anything heavy is imported or built.
-    try:
-        recipe = load_recipe(args.recipe, args.options)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.options)
+    r = recipe.run
+    resume_from = prepare_output_dir(recipe, args.resume, rank)
+    resume_notes = []
+    if resume_from:
+        from engine.trainer.resume import check_resume
+
+        problems, resume_notes = check_resume(resume_from, recipe)
+        if r.evaluate:  # evaluation only needs the same model
+            problems = [p for p in problems if "cannot change" in p.message]
+        if problems:
+            raise ConfigError(problems, f"{args.recipe} (resuming {resume_from})")
 
     import deepspeed
     import torch
@@ -106,16 +135,19 @@ def main(argv=None) -> int:
     from engine.trainer.logs import logger, setup_logging
     from engine.trainer.loop import Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups
 
-    r = recipe.run
-    resume_from = prepare_output_dir(recipe, args.resume, rank)
     deepspeed.init_distributed()  # gloo on CPU, nccl on GPU; rendezvous from the launcher's env
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)
         save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
     torch.distributed.barrier()
     setup_logging(r.output_dir, rank)
+    for note in resume_notes:
+        logger.info("recipe differs from the checkpoint (allowed): %s", note)
     on_cpu = get_accelerator().device_name() == "cpu"
-    ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu)
+    try:
+        ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     logger.info("recipe %s, %d rank(s), ZeRO stage %d, %s, device %s", args.recipe, world, zero_stage(ds_config),
                 r.precision, get_accelerator().device_name())
     deepspeed.runtime.utils.set_random_seed(r.seed)
@@ -137,7 +169,10 @@ def main(argv=None) -> int:
         micro = 1
     else:
         train_len = len(datasets[r.train_splits[0]])
-        micro = micro_batches_per_epoch(train_len, world, r.batch_size_train, r.accum_grad_iters)
+        try:
+            micro = micro_batches_per_epoch(train_len, world, r.batch_size_train, r.accum_grad_iters)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         logger.info("train split: %d samples, %d optimizer steps per epoch", train_len, micro // r.accum_grad_iters)
 
     # 4. DeepSpeed.
@@ -149,15 +184,17 @@ def main(argv=None) -> int:
     )
     trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
                       output_dir=r.output_dir)
-    if resume_from:
-        trainer.resume(resume_from)
 
     # 5. Train (or only evaluate), then save.
     try:
         if r.evaluate:
+            if resume_from:
+                trainer.load_weights(resume_from)
             for split in list(r.valid_splits) + list(r.test_splits):
                 trainer.evaluate_split(split, "eval")
         else:
+            if resume_from:
+                trainer.resume(resume_from)
             trainer.fit()
     finally:
         trainer.close()

@@ -28,8 +28,7 @@ def tiny_options(tmp_path, *extra, data_root=None, n_train=192, n_val=16):
     ]
 
 
-def run_train(options, ranks=None, timeout=600, recipe=TINY):
-    """Run engine/train.py (under the deepspeed launcher when ``ranks`` is given); return the CompletedProcess."""
+def train_command(options, ranks=None, recipe=TINY, args=()):
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1" if ranks and ranks > 1 else env.get("OMP_NUM_THREADS", "2")
@@ -40,7 +39,13 @@ def run_train(options, ranks=None, timeout=600, recipe=TINY):
     else:
         env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
         cmd = [sys.executable, script]
-    cmd += ["--recipe", recipe, "--options", *options]
+    return cmd + ["--recipe", recipe, *args, "--options", *options], env
+
+
+def run_train(options, ranks=None, timeout=600, recipe=TINY, args=(), env_extra=None):
+    """Run engine/train.py (under the deepspeed launcher when ``ranks`` is given); return the CompletedProcess."""
+    cmd, env = train_command(options, ranks=ranks, recipe=recipe, args=args)
+    env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         print(proc.stdout[-6000:])
@@ -51,3 +56,8 @@ def run_train(options, ranks=None, timeout=600, recipe=TINY):
 def read_jsonl(path):
     with open(path, "r", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def losses_by_step(run_dir):
+    """{step: loss}; a step logged twice (before a crash and after the resume) keeps its last value."""
+    return {s["step"]: s["loss"] for s in read_jsonl(os.path.join(run_dir, "steps.jsonl"))}

@@ -13,11 +13,14 @@ ranks passed a barrier, so a crash mid-save leaves the previous one in charge.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 from typing import Any, Dict, List, Optional
+
+from engine.trainer.faults import fault
 
 import numpy as np
 import torch
@@ -67,8 +70,16 @@ def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
 
 
-def save(engine, root: str, tag: str, state: Dict[str, Any]) -> str:
-    """Save a checkpoint on every rank; returns its folder. ``latest`` moves only when all ranks are done."""
+class CheckpointSaveError(RuntimeError):
+    """A save failed; the previous checkpoint is untouched and still ``latest``."""
+
+
+def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None) -> str:
+    """Save a checkpoint on every rank; returns its folder. ``latest`` moves only when all ranks are done.
+
+    ``extra_writer(folder)`` (optional) runs on every rank after DeepSpeed's files are written, e.g. to
+    store a LoRA adapter beside them.
+    """
     final = os.path.join(root, tag)
     rank = _rank()
     if rank == 0:
@@ -76,10 +87,27 @@ def save(engine, root: str, tag: str, state: Dict[str, Any]) -> str:
         if os.path.isdir(final):  # a leftover of an interrupted save of the same tag
             shutil.rmtree(final)
     _barrier()
-    engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False)
-    torch.save(rng_state(), os.path.join(final, f"rng_rank{rank}.pt"))
+    try:
+        if fault("enospc_in_save") == tag:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False)
+        torch.save(rng_state(), os.path.join(final, f"rng_rank{rank}.pt"))
+        if extra_writer is not None:
+            extra_writer(final)
+    except OSError as e:
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+        prev = latest_tag(root)
+        hint = "free disk space (or point run.output_dir at a larger disk) and resume" \
+            if e.errno == errno.ENOSPC else "check the folder's permissions and resume"
+        raise CheckpointSaveError(
+            f"saving checkpoint {final} failed: {e}. The partial save was removed; the previous checkpoint "
+            f"({prev or 'none'}) is intact and still 'latest'; {hint}."
+        ) from e
     _barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
+        if fault("crash_in_save") == tag:
+            os._exit(86)  # die after the shards are written but before the checkpoint is marked complete
         _atomic_write(os.path.join(final, "engine_state.json"), json.dumps(state, indent=2))
         _atomic_write(os.path.join(final, COMPLETE), "")
         _atomic_write(os.path.join(root, "latest"), tag)
@@ -108,8 +136,8 @@ def latest_tag(root: str) -> Optional[str]:
     return tag if tag and is_complete(os.path.join(root, tag)) else None
 
 
-def load(engine, ckpt_dir: str) -> Dict[str, Any]:
-    """Restore model, optimizer, LR schedule and this rank's RNG; return the engine state."""
+def load(engine, ckpt_dir: str, module_only: bool = False) -> Dict[str, Any]:
+    """Restore model, optimizer, LR schedule and this rank's RNG (or only the model); return the engine state."""
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(
@@ -117,11 +145,12 @@ def load(engine, ckpt_dir: str) -> Dict[str, Any]:
             f"interrupted or the folder is something else); resume from checkpoints/latest instead"
         )
     root, tag = os.path.split(ckpt_dir)
-    path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
+                                     load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_file = os.path.join(ckpt_dir, f"rng_rank{_rank()}.pt")
-    if os.path.isfile(rng_file):
+    if os.path.isfile(rng_file) and not module_only:
         set_rng_state(torch.load(rng_file, weights_only=True))
     with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
         return json.load(f)

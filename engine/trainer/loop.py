@@ -25,6 +25,7 @@ from engine.tasks import write_predictions
 from engine.trainer import checkpoint
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
+from engine.trainer.seeding import SeededDataset, SeededSampler
 
 logger = logging.getLogger("engine")
 
@@ -101,12 +102,14 @@ class Trainer:
                                           even=True)
         sampler.set_epoch(epoch)
         sampler.set_start(start_micro * self.run.batch_size_train)
+        return self._loader(ds, sampler, epoch)
+
+    def _loader(self, ds, sampler, epoch: int):
+        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py."""
         return torch.utils.data.DataLoader(
-            ds, batch_size=self.run.batch_size_train, sampler=sampler, collate_fn=collate,
-            num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, drop_last=False,
-            # Workers' augmentation RNG follows the seed, epoch and rank, so a resumed run sees the same crops.
-            generator=torch.Generator().manual_seed(self.run.seed * 1000003 + epoch * 101 + self.rank),
+            SeededDataset(ds), batch_size=self.run.batch_size_train,
+            sampler=SeededSampler(sampler, self.run.seed, epoch), collate_fn=collate,
+            num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
         )
 
     def eval_loader(self, split: str):
@@ -135,6 +138,11 @@ class Trainer:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
         logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", ckpt_dir, self.global_step,
                     self.epoch, self.micro_in_epoch)
+
+    def load_weights(self, ckpt_dir: str) -> None:
+        """Model weights only (evaluation of a finished run)."""
+        checkpoint.load(self.engine, ckpt_dir, module_only=True)
+        logger.info("loaded weights from %s", ckpt_dir)
 
     def save(self, tag: str) -> str:
         path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state())

@@ -1,0 +1,94 @@
+"""Exact resume after SIGKILL, crash-safe saves, and what a resume may change."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import ROOT, losses_by_step, read_jsonl, run_train, tiny_options, train_command
+
+
+def opts(tmp_path, name, *extra, ds="zero2.json"):
+    return tiny_options(tmp_path, f"run.output_dir={tmp_path / name}", f"run.deepspeed=ds_configs/{ds}",
+                        "run.precision=fp32", "run.max_epoch=2", "run.val_freq=0", "run.save_every_steps=4",
+                        "run.num_workers=1", *extra, data_root=tmp_path / "data", n_train=96)
+
+
+def kill_after_step(cmd, env, run_dir, step, timeout=300):
+    """Start a run and SIGKILL its whole process group once ``step`` is logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_file = os.path.join(run_dir, "steps.jsonl")
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if os.path.exists(steps_file) and any(s["step"] >= step for s in read_jsonl(steps_file)):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {proc.returncode}) before step {step}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("timed out waiting for the run")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("ds", ["zero2.json", "zero3.json"])
+def test_sigkill_mid_epoch_then_resume_gives_identical_losses(tmp_path, ds):
+    ref = run_train(opts(tmp_path, "ref", ds=ds), ranks=2)
+    assert ref.returncode == 0
+    expected = losses_by_step(tmp_path / "ref")
+    assert len(expected) == 12  # 96 samples / (2 ranks x 8) = 6 steps per epoch, 2 epochs
+
+    cmd, env = train_command(opts(tmp_path, "killed", ds=ds), ranks=2)
+    kill_after_step(cmd, env, tmp_path / "killed", step=9)
+    # the newest checkpoint is mid-epoch: the resume must restore the position inside the epoch
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step8"
+    resumed = run_train(opts(tmp_path, "killed", ds=ds), ranks=2, args=["--resume"])
+    assert resumed.returncode == 0
+    got = losses_by_step(tmp_path / "killed")
+    assert got == expected  # bit-exact, step by step
+
+
+def test_crash_during_save_keeps_previous_checkpoint_and_resumes(tmp_path):
+    o = opts(tmp_path, "run", "run.max_epoch=1")
+    crashed = run_train(o, env_extra={"ENGINE_FAULT": "crash_in_save:step4"})
+    assert crashed.returncode == 86
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not (ckpts / "latest").exists()  # nothing complete yet: step4 was the first save
+    assert (ckpts / "step4").is_dir() and not (ckpts / "step4" / "COMPLETE").exists()
+    again = run_train(o, args=["--resume"])
+    assert again.returncode == 2 and "no complete checkpoint" in again.stderr
+    crashed = run_train(o + ["run.overwrite_output_dir=true", "run.save_every_steps=2"],
+                        env_extra={"ENGINE_FAULT": "crash_in_save:step4"})
+    assert crashed.returncode == 86 and (ckpts / "latest").read_text() == "step2"
+    resumed = run_train(o + ["run.save_every_steps=2"], args=["--resume"])
+    assert resumed.returncode == 0
+    assert "resumed from" in resumed.stdout and "step2" in resumed.stdout
+    state = json.loads((ckpts / "epoch0" / "engine_state.json").read_text())
+    assert state["global_step"] == 12
+    assert (ckpts / "latest").read_text() == "epoch0"
+
+
+def test_full_disk_gives_clear_error_and_keeps_previous(tmp_path):
+    o = opts(tmp_path, "run", "run.max_epoch=1")
+    proc = run_train(o + ["run.save_every_steps=2"], env_extra={"ENGINE_FAULT": "enospc_in_save:step4"})
+    assert proc.returncode == 3
+    assert "No space left on device" in proc.stderr and "previous checkpoint (step2) is intact" in proc.stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step2" and not (ckpts / "step4").exists()
+
+
+def test_resume_with_changed_recipe(tmp_path):
+    o = opts(tmp_path, "run", "run.max_epoch=1", "run.max_steps=2")
+    assert run_train(o).returncode == 0
+    changed = run_train(o + ["run.init_lr=5e-4"], args=["--resume"])
+    assert changed.returncode == 2
+    assert "run.init_lr" in changed.stderr and "allow_recipe_change" in changed.stderr
+    arch = run_train(o + ["model.freeze_vit=true", "run.allow_recipe_change=true"], args=["--resume"])
+    assert arch.returncode == 2 and "model.freeze_vit" in arch.stderr and "cannot change" in arch.stderr
+    ok = run_train(o + ["run.init_lr=5e-4", "run.allow_recipe_change=true", "run.max_steps=4"], args=["--resume"])
+    assert ok.returncode == 0 and "run.init_lr" in ok.stdout
