@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from engine.config import Recipe
+from engine.data.mixing import MixedDataset
 from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -22,9 +23,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def build_model(recipe: Recipe):
     m = recipe.model
     entry = MODELS.get(m.arch)
-    lora = dataclasses.asdict(m.lora) if m.lora is not None else None
+    # A saved adapter is merged into the base after building, so the base is built without new LoRA layers.
+    lora = dataclasses.asdict(m.lora) if m.lora is not None and not m.adapter else None
     pretrained = m.finetuned if m.load_finetuned else m.pretrained
-    return entry(
+    model = entry(
         model_type=m.model_type,
         pretrained=pretrained,
         freeze_vit=m.freeze_vit,
@@ -40,9 +42,17 @@ def build_model(recipe: Recipe):
         trust_remote_code=m.trust_remote_code,
         seed=recipe.run.seed,
     )
+    if m.adapter:
+        from engine.export import apply_adapter
+
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError(f"model.adapter={m.adapter}: an adapter cannot be merged into a ZeRO-3-partitioned "
+                             f"model; use a ZeRO-2 config, or merge it first with tools/merge_lora.py")
+        apply_adapter(model, m.adapter)
+    return model
 
 
-def _processor(spec, default_name: str, image_size: Optional[int]):
+def _processor(spec, default_name: str, image_size: Optional[int], uint8: bool = False):
     if spec is None:
         if default_name is None:
             return None
@@ -50,33 +60,40 @@ def _processor(spec, default_name: str, image_size: Optional[int]):
     else:
         name, kwargs = spec.name, dict(spec.kwargs)
     builder = PROCESSORS.get(name)
-    if image_size is not None and "image_size" not in kwargs:
-        import inspect
+    import inspect
 
-        if "image_size" in inspect.signature(builder.obj).parameters:
-            kwargs["image_size"] = image_size  # follow the model's resolution unless the recipe says otherwise
+    params = inspect.signature(builder.obj).parameters
+    if image_size is not None and "image_size" not in kwargs and "image_size" in params:
+        kwargs["image_size"] = image_size  # follow the model's resolution unless the recipe says otherwise
+    if uint8 and "normalize" not in kwargs and "normalize" in params:
+        # Training images leave the workers as uint8; the trainer normalises them on the device
+        # (engine/data/normalize.py), unless the recipe sets normalize: true.
+        kwargs["normalize"] = False
     return builder(**kwargs)
 
 
-def build_dataset(recipe: Recipe, name: str, split: str, is_train: bool):
+def build_dataset(recipe: Recipe, name: str, split: str, is_train: bool, **overrides):
+    """One dataset split; ``overrides`` replace options of the dataset's schema (tools/check_dataset.py)."""
     spec = recipe.datasets[name]
     slot = "train" if is_train else "eval"
     vis = _processor(spec.vis_processor.get(slot), "blip2_image_train" if is_train else "blip_image_eval",
-                     recipe.model.image_size)
+                     recipe.model.image_size, uint8=is_train)
     text = _processor(spec.text_processor.get(slot), None, None)
     kwargs = dataclasses.asdict(spec.options)
     if "max_bad_samples" in kwargs and not kwargs["max_bad_samples"]:
         kwargs["max_bad_samples"] = recipe.run.max_bad_samples  # the run-wide default; a dataset may set its own
+    kwargs.update({k: v for k, v in overrides.items() if k in kwargs})
     return DATASETS.get(name)(split=split, is_train=is_train, vis_processor=vis, text_processor=text,
                               prompt=recipe.model.prompt, **kwargs)
 
 
 def build_split(recipe: Recipe, split: str, is_train: bool):
-    """One dataset (or the concatenation of all the recipe's datasets) for a split."""
-    parts: List = [build_dataset(recipe, name, split, is_train) for name in recipe.datasets]
+    """One dataset, or all the recipe's datasets mixed (training: in run.train_dataset_ratios), for a split."""
+    parts: Dict[str, object] = {name: build_dataset(recipe, name, split, is_train) for name in recipe.datasets}
     if len(parts) == 1:
-        return parts[0]
-    return torch.utils.data.ConcatDataset(parts)
+        return next(iter(parts.values()))
+    ratios = recipe.run.train_dataset_ratios if is_train else None
+    return MixedDataset(parts, ratios=ratios)
 
 
 def build_datasets(recipe: Recipe) -> Dict[str, object]:

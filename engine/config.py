@@ -17,6 +17,7 @@ import difflib
 import inspect
 import logging
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -58,7 +59,8 @@ class ModelConfig:
     model_type: str = doc("Zoo entry of the arch (e.g. pretrain_opt2.7b, caption_coco_opt2.7b, tiny).")
     pretrained: Optional[str] = doc(
         "Local folder with the Hugging Face checkpoint of model_type; 'random' builds the real "
-        "architecture with random weights (memory/throughput studies). Ignored by tiny types.",
+        "architecture with random weights (memory/throughput studies). A tiny type builds seeded random "
+        "weights unless this names a folder (e.g. one written by tools/export_hf.py).",
         None,
     )
     load_finetuned: bool = doc("Start from `finetuned` (a checkpoint of this engine) instead of `pretrained`.", False)
@@ -71,6 +73,8 @@ class ModelConfig:
     max_txt_len: int = doc("Maximum number of text tokens (prompt + target) per sample.", 32)
     image_size: int = doc("Input resolution of the vision tower; the image processors default to it.", 224)
     lora: Optional[LoraConfig] = doc("LoRA adapters via peft; null = full finetuning of the unfrozen parts.", None)
+    adapter: Optional[str] = doc("A saved LoRA adapter folder (peft format) loaded on top of the model, e.g. for "
+                                 "evaluation.", None)
     load_in_8bit: bool = doc("Load the language model in 8 bit (bitsandbytes, CUDA only).", False)
     load_in_4bit: bool = doc("Load the language model in 4 bit nf4 + double quant (QLoRA; CUDA only).", False)
     trust_remote_code: bool = doc("Allow code shipped with a checkpoint to run. Off unless you trust it.", False)
@@ -133,6 +137,8 @@ class RunConfig:
     keep_last: int = doc("Keep only this many step/epoch checkpoints (0 = keep all; best is never pruned).", 0)
     max_bad_samples: int = doc("Skip up to this many bad records per dataset split (counted and logged) instead of "
                                "failing; a dataset's own max_bad_samples takes precedence.", 0)
+    train_dataset_ratios: Optional[Dict[str, float]] = doc(
+        "With several datasets: dataset name -> share of each training epoch (null = every sample once).", None)
 
 
 @dataclass
@@ -349,13 +355,28 @@ def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Probl
 # --------------------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (a recipe can never construct Python objects) with YAML 1.2 booleans.
+
+    YAML 1.1 also reads on/off/yes/no as booleans, which turns `lora: {on: [llm]}` into a `True:`
+    key; here only true/false (any case) are booleans.
+    """
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def load_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe file not found: {path} (ls recipes/ lists the shipped recipes)")
     with open(path, "r", encoding="utf-8") as f:
         try:
-            # safe_load: a recipe can never construct Python objects (no !!python tags).
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=RecipeLoader)  # safe: no !!python tags
         except yaml.YAMLError as e:
             raise ConfigError([Problem("<yaml>", f"not valid YAML: {e}")], path) from None
     if data is None:
@@ -373,7 +394,7 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
             continue
         path, raw = opt.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=RecipeLoader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parts = path.strip().split(".")
@@ -554,9 +575,29 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
                                     "lora: nothing would train"))
     if not recipe.datasets:
         out.append(Problem("datasets", "no dataset given; add e.g. `sherlock: {root: /data/sherlock}`"))
+    out.extend(_check_ratios(recipe))
     if r.evaluate and not r.valid_splits and not r.test_splits:
         out.append(Problem("run.evaluate", "evaluate is true but valid_splits and test_splits are empty"))
     out.extend(check_ds_config(recipe, check_files=check_files))
+    return out
+
+
+def _check_ratios(recipe: Recipe) -> List[Problem]:
+    ratios = recipe.run.train_dataset_ratios
+    if ratios is None:
+        return []
+    out: List[Problem] = []
+    for name, value in ratios.items():
+        key = f"run.train_dataset_ratios.{name}"
+        if name not in recipe.datasets:
+            out.append(Problem(key, f"not a dataset of this recipe{_suggest(str(name), recipe.datasets)} "
+                                    f"(datasets: {', '.join(recipe.datasets) or 'none'})"))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            out.append(Problem(key, f"{_fmt(value)} should be a positive number (a share of the epoch)"))
+    missing = [n for n in recipe.datasets if n not in ratios]
+    if missing:
+        out.append(Problem("run.train_dataset_ratios", f"no ratio for {', '.join(missing)}; give every dataset of "
+                                                       f"the recipe a ratio, or remove train_dataset_ratios"))
     return out
 
 

@@ -132,9 +132,14 @@ def run(args) -> int:
     from engine.build import build_datasets, build_model
     from engine.config import save_resolved
     from engine.deepspeed_config import fill_ds_config, zero_stage
+    from engine.models.quant import QuantizationError, check_quantization
     from engine.trainer.logs import logger, setup_logging
     from engine.trainer.loop import Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups
 
+    try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
+        check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
+    except QuantizationError as e:
+        raise UsageError(str(e)) from None
     deepspeed.init_distributed()  # gloo on CPU, nccl on GPU; rendezvous from the launcher's env
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)

@@ -28,11 +28,11 @@ def tiny_options(tmp_path, *extra, data_root=None, n_train=192, n_val=16):
     ]
 
 
-def train_command(options, ranks=None, recipe=TINY, args=()):
+def train_command(options, ranks=None, recipe=TINY, args=(), script=None):
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1" if ranks and ranks > 1 else env.get("OMP_NUM_THREADS", "2")
-    script = os.path.join(ROOT, "engine", "train.py")
+    script = script or os.path.join(ROOT, "engine", "train.py")
     if ranks:
         launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), script]
@@ -42,9 +42,9 @@ def train_command(options, ranks=None, recipe=TINY, args=()):
     return cmd + ["--recipe", recipe, *args, "--options", *options], env
 
 
-def run_train(options, ranks=None, timeout=600, recipe=TINY, args=(), env_extra=None):
+def run_train(options, ranks=None, timeout=600, recipe=TINY, args=(), env_extra=None, script=None):
     """Run engine/train.py (under the deepspeed launcher when ``ranks`` is given); return the CompletedProcess."""
-    cmd, env = train_command(options, ranks=ranks, recipe=recipe, args=args)
+    cmd, env = train_command(options, ranks=ranks, recipe=recipe, args=args, script=script)
     env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -145,3 +145,15 @@ def test_cosine_schedule_shape():
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(110, **kw) == pytest.approx(1e-5)
     assert lr_at(60, **{**kw, "sched": "linear_warmup_step_lr"}) == pytest.approx(1e-3 * 0.9)
+
+
+def test_lora_on_parses_as_a_key_not_a_yaml_boolean(tmp_path):
+    # YAML 1.1 reads on/off/yes/no as booleans (`on:` would become a `True:` key); recipes use
+    # YAML 1.2 booleans, true/false only.
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(tiny()).replace(
+        "model:\n", "model:\n  lora: {r: 4, on: [llm, qformer]}\n  freeze_llm: yes\n", 1))
+    with pytest.raises(ConfigError, match="model.freeze_llm: 'yes' should be true or false"):
+        load_recipe(str(p))
+    r = load_recipe(str(p), options=["model.freeze_llm=true"])
+    assert r.model.lora.on == ["llm", "qformer"] and r.model.freeze_llm is True

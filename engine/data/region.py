@@ -65,14 +65,18 @@ def union_box(boxes: Sequence[BoxLike]) -> Box:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
-def highlight(image: Image.Image, boxes: Sequence[BoxLike]) -> Image.Image:
-    """Pink translucent fill + green outline per box, alpha-composited over ``image``."""
+def highlight(image: Image.Image, boxes: Sequence[BoxLike], scale: float = 1.0) -> Image.Image:
+    """Pink translucent fill + green outline per box, alpha-composited over ``image``.
+
+    ``scale``: the image is the original scaled by this factor (reduced JPEG
+    decoding); the outline keeps its width relative to the original pixels.
+    """
     overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
+    width = max(1, int(round(HIGHLIGHT_WIDTH * scale)))
     for b in boxes:
         l, t, w, h = to_box(b)
-        draw.rectangle([(l, t), (l + w, t + h)], fill=HIGHLIGHT_FILL,
-                       outline=HIGHLIGHT_OUTLINE, width=HIGHLIGHT_WIDTH)
+        draw.rectangle([(l, t), (l + w, t + h)], fill=HIGHLIGHT_FILL, outline=HIGHLIGHT_OUTLINE, width=width)
     return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
 
 
@@ -81,16 +85,22 @@ def _pixel_span(lo: float, hi: float, limit: int) -> Tuple[int, int]:
     return max(0, int(math.floor(lo))), min(limit, int(math.ceil(hi)))
 
 
+def crop_window(size: Tuple[int, int], boxes: Sequence[BoxLike], margin: float = 0.1) -> Tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the union of ``boxes`` grown by ``margin`` x its size on each side, in the image."""
+    l, t, w, h = union_box(boxes)
+    W, H = size
+    x0, x1 = _pixel_span(l - margin * w, l + w + margin * w, W)
+    y0, y1 = _pixel_span(t - margin * h, t + h + margin * h, H)
+    return x0, y0, x1, y1
+
+
 def crop_to_boxes(image: Image.Image, boxes: Sequence[BoxLike],
                   margin: float = 0.1) -> Tuple[Image.Image, List[Box]]:
     """Crop to the union of ``boxes`` grown by ``margin`` x its size on each side.
 
     Returns the crop and the boxes moved into its coordinates.
     """
-    l, t, w, h = union_box(boxes)
-    W, H = image.size
-    x0, x1 = _pixel_span(l - margin * w, l + w + margin * w, W)
-    y0, y1 = _pixel_span(t - margin * h, t + h + margin * h, H)
+    x0, y0, x1, y1 = crop_window(image.size, boxes, margin)
     crop = image.crop((x0, y0, x1, y1))
     moved = [(b[0] - x0, b[1] - y0, b[2], b[3]) for b in map(to_box, boxes)]
     return crop, clamp_boxes(moved, crop.size)
@@ -110,8 +120,18 @@ def blackout_others(image: Image.Image, boxes: Sequence[BoxLike]) -> Image.Image
     return Image.fromarray(out, mode=image.mode)
 
 
+def region_frame(size: Tuple[int, int], boxes: Sequence[BoxLike], mode: str, *,
+                 margin: float = 0.1) -> Tuple[int, int]:
+    """Size of the image ``render_region`` returns for an image of ``size`` (no pixels needed)."""
+    clipped = clamp_boxes(boxes, size)
+    if mode != "crop" or not clipped:
+        return size
+    x0, y0, x1, y1 = crop_window(size, clipped, margin)
+    return x1 - x0, y1 - y0
+
+
 def render_region(image: Image.Image, boxes: Sequence[BoxLike], mode: str = "highlight",
-                  *, margin: float = 0.1) -> Tuple[Image.Image, List[Box]]:
+                  *, margin: float = 0.1, scale: float = 1.0) -> Tuple[Image.Image, List[Box]]:
     """Show the region ``boxes`` in ``image`` the way ``mode`` says.
 
     Modes: ``highlight`` (official look), ``crop`` (union of the boxes plus
@@ -124,12 +144,13 @@ def render_region(image: Image.Image, boxes: Sequence[BoxLike], mode: str = "hig
     """
     if mode not in REGION_MODES:
         raise ValueError(f"unknown region mode {mode!r}; choose one of {', '.join(REGION_MODES)}")
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     clipped = clamp_boxes(boxes, image.size)
     if not clipped or mode == "none":
         return image, clipped
     if mode == "highlight":
-        return highlight(image, clipped), clipped
+        return highlight(image, clipped, scale), clipped
     if mode == "crop":
         return crop_to_boxes(image, clipped, margin)
     return blackout_others(image, clipped), clipped

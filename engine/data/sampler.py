@@ -121,3 +121,75 @@ class ExactDistributedSampler(Sampler[int]):
                     f"and seed, or restart the epoch.")
         self.set_epoch(state["epoch"])
         self.set_start(state["start"])
+
+
+class MixedDistributedSampler(ExactDistributedSampler):
+    """Draws a :class:`~engine.data.mixing.MixedDataset` epoch in its datasets' ratios.
+
+    Contract, for an epoch of ``L = dataset.epoch_length`` samples and ``R`` ranks:
+
+    * Dataset ``d`` contributes ``dataset.counts()[d]`` samples. They are the
+      next positions of an endless stream made of fresh permutations of ``d``
+      (each seeded by ``seed``, ``d`` and its number), so no sample of ``d`` is
+      drawn a second time before all of ``d`` was drawn once, across epochs too.
+    * The ``L`` picks are shuffled with a generator seeded by ``seed + epoch``;
+      rank ``r`` takes positions ``r, r + R, ...`` of the first ``floor(L / R) * R``:
+      every rank gets the same count, no pick twice.
+    * ``set_epoch``, ``set_start``, ``num_batches`` and the state dict work as in
+      :class:`ExactDistributedSampler`; the order depends only on seed and epoch.
+    """
+
+    def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset.epoch_length, num_replicas, rank, shuffle=shuffle, seed=seed, even=True)
+        self.lengths = list(dataset.lengths)
+        self.offsets = list(dataset.offsets)
+        self.counts = list(dataset.counts())
+
+    def _stream(self, d: int, start: int, count: int) -> List[int]:
+        """Positions ``[start, start + count)`` of dataset ``d``'s stream of permutations."""
+        n = self.lengths[d]
+        out: List[int] = []
+        for k in range(start // n, (start + count - 1) // n + 1) if count else ():
+            if self.shuffle:
+                g = torch.Generator()
+                g.manual_seed((self.seed * 1_000_003 + (d + 1) * 7_919 + k) % (2**63 - 1))
+                perm = torch.randperm(n, generator=g).tolist()
+            else:
+                perm = list(range(n))
+            lo, hi = max(start - k * n, 0), min(start + count - k * n, n)
+            out += perm[lo:hi]
+        return out
+
+    def epoch_order(self) -> List[int]:
+        picks: List[int] = []
+        for d, (off, c) in enumerate(zip(self.offsets, self.counts)):
+            picks += [off + i for i in self._stream(d, self.epoch * c, c)]
+        N, R = len(picks), self.num_replicas
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            picks = [picks[i] for i in torch.randperm(N, generator=g).tolist()]
+        return picks[: (N // R) * R][self.rank::R]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(super().state_dict(), counts=list(self.counts), lengths=list(self.lengths))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key in ("counts", "lengths"):
+            if key in state and list(state[key]) != getattr(self, key):
+                raise ValueError(f"cannot resume the sampler position exactly: the checkpoint mixed datasets with "
+                                 f"{key}={state[key]}, this run has {getattr(self, key)}. Resume with the same "
+                                 f"datasets and run.train_dataset_ratios, or restart the epoch.")
+        super().load_state_dict(state)
+
+
+def training_sampler(dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                     seed: int = 0) -> ExactDistributedSampler:
+    """The training sampler for ``dataset``: mixed by ratio for a MixedDataset with ratios, else every
+    sample once per epoch; either way every rank gets the same count (``even``)."""
+    from .mixing import MixedDataset
+
+    if isinstance(dataset, MixedDataset) and dataset.ratios is not None:
+        return MixedDistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
+    return ExactDistributedSampler(len(dataset), num_replicas, rank, shuffle=True, seed=seed, even=True)

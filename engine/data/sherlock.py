@@ -8,25 +8,17 @@ official release and baselines.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from PIL import Image
-from torch.utils.data import Dataset
+from engine.registry import DATASETS
 
-from engine.registry import DATASETS, close_matches
-
-from .errors import DatasetError, format_problems
-from .processors import BlipCaptionProcessor, ImageProcessor
-from .region import REGION_MODES, Box, render_region, to_box
+from .processors import BlipCaptionProcessor
+from .records import (DirIndex, RecordDataset, config_from, identity, is_number, parse_boxes, read_json_list,
+                      resolve)
+from .region import REGION_MODES, Box
 from .synthetic import make_tiny_sherlock
-
-log = logging.getLogger(__name__)
 
 TEXT_MODES = ("inference", "clue_inference", "clue_in_prompt")
 SPLITS = ("train", "val", "test")
@@ -95,26 +87,11 @@ def image_id_of(url: str) -> str:
 
 def load_records(file: str, split: str = "") -> List[Any]:
     """Read a Sherlock JSON file (a list of records), with errors that say how to fix it."""
-    what = f"Sherlock {split} file" if split else "Sherlock file"
-    if not os.path.isfile(file):
-        raise DatasetError(
-            f"{what} not found: {file}. Fix: set root (or the split's *_file) to where the data is. "
-            + DOWNLOAD_HINT)
-    try:
-        with open(file, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{what} {file} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-            f"Fix: the file is probably truncated or was edited; download it again from "
-            f"https://github.com/allenai/sherlock.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {what} {file}: {e}") from None
-    if not isinstance(data, list):
-        raise DatasetError(
-            f"{what} {file} holds a JSON {type(data).__name__}; a Sherlock file is a JSON list of records. "
-            f"Fix: check that the path points at sherlock_*_v1_1.json.")
-    return data
+    return read_json_list(
+        file, f"Sherlock {split} file" if split else "Sherlock file",
+        missing_fix="set root (or the split's *_file) to where the data is. " + DOWNLOAD_HINT,
+        malformed_fix="the file is probably truncated or was edited; download it again from "
+                      "https://github.com/allenai/sherlock (a Sherlock file is a JSON list of records).")
 
 
 class _Item(NamedTuple):
@@ -129,116 +106,72 @@ class _Item(NamedTuple):
     image_id: str
     split_idx: int
 
-
-class _DirIndex:
-    """File-exists checks by listing each folder once (fast on network file systems)."""
-
-    def __init__(self):
-        self._dirs: Dict[str, frozenset] = {}
-        self.found = self.missing = 0
-
-    def exists(self, path: str) -> bool:
-        folder, name = os.path.split(path)
-        if folder not in self._dirs:
-            try:
-                self._dirs[folder] = frozenset(os.listdir(folder))
-            except OSError:
-                self._dirs[folder] = frozenset()
-        hit = name in self._dirs[folder]
-        self.found += hit
-        self.missing += not hit
-        return hit
+    @property
+    def sample_id(self) -> str:
+        return self.instance_id
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _parse_record(index: int, rec: Any, *, vcr_root: str, vg_root: str, need_clue: bool,
-                  files: Optional[_DirIndex]) -> Tuple[Optional[_Item], List[str]]:
-    """One record -> (item, []) or (None, [problem, ...]); each problem says its fix."""
-    problems: List[str] = []
+def _parse_record(rec: Any, *, vcr_root: str, vg_root: str, need_clue: bool,
+                  files: Optional[DirIndex]) -> Tuple[Optional[dict], List[Tuple[str, str]]]:
+    """One record -> (fields, []) or (None, [(kind, problem), ...]); each problem says its fix."""
+    problems: List[Tuple[str, str]] = []
     if not isinstance(rec, dict):
-        return None, [f"is a JSON {type(rec).__name__}, not an object (fix: remove it)"]
+        return None, [("malformed", f"is a JSON {type(rec).__name__}, not an object (fix: remove it)")]
     inputs = rec.get("inputs")
     targets = rec.get("targets")
     iid = rec.get("instance_id")
     if not isinstance(iid, (str, int)) or isinstance(iid, bool) or iid == "":
-        problems.append("instance_id is missing or empty (fix: give every record a unique instance_id)")
+        problems.append(("malformed", "instance_id is missing or empty (fix: give every record a unique "
+                                      "instance_id)"))
     url = None
-    width = height = None
     boxes: List[Box] = []
     clue = ""
     if not isinstance(inputs, dict):
-        problems.append("inputs is missing (fix: records need inputs.image.url, inputs.bboxes, inputs.clue)")
+        problems.append(("malformed", "inputs is missing (fix: records need inputs.image.url, inputs.bboxes, "
+                                      "inputs.clue)"))
     else:
         image = inputs.get("image")
+        width = height = None
         if isinstance(image, dict):
             url = image.get("url")
             width, height = image.get("width"), image.get("height")
         if not isinstance(url, str) or not url.strip():
-            problems.append("inputs.image.url is missing or empty (fix: give the image URL as in the release)")
+            problems.append(("malformed", "inputs.image.url is missing or empty (fix: give the image URL as in "
+                                          "the release)"))
             url = None
-        raw_boxes = inputs.get("bboxes")
-        if not isinstance(raw_boxes, list) or not raw_boxes:
-            problems.append("inputs.bboxes is missing or empty (fix: give at least one "
-                            "{left, top, width, height} box)")
-        else:
-            for k, b in enumerate(raw_boxes):
-                try:
-                    vals = ([b[k] for k in ("left", "top", "width", "height")] if isinstance(b, dict)
-                            else list(b))
-                    if len(vals) != 4 or not all(_is_number(v) for v in vals):
-                        raise TypeError
-                    box = to_box(vals)
-                except (KeyError, TypeError, ValueError):
-                    problems.append(f"inputs.bboxes[{k}] = {b!r} is not a {{left, top, width, height}} box "
-                                    f"of numbers (fix: correct or remove it)")
-                    continue
-                l, t, w, h = box
-                if w <= 0 or h <= 0:
-                    problems.append(f"inputs.bboxes[{k}] has width {w:g} and height {h:g}; both must be > 0 "
-                                    f"(fix: correct or remove the box)")
-                    continue
-                if _is_number(width) and _is_number(height) and width > 0 and height > 0 and (
-                        l >= width or t >= height or l + w <= 0 or t + h <= 0):
-                    problems.append(f"inputs.bboxes[{k}] = {b!r} lies outside the {width:g}x{height:g} image "
-                                    f"(fix: correct the box or inputs.image.width/height)")
-                    continue
-                boxes.append(box)
+        boxes, box_problems = parse_boxes(inputs.get("bboxes"), "inputs.bboxes", size=(width, height),
+                                          required=True)
+        problems += box_problems
         clue = inputs.get("clue", "")
         if not isinstance(clue, str):
             clue = ""
         if need_clue and not clue.strip():
-            problems.append("inputs.clue is missing or empty, and the text mode uses the clue "
-                            "(fix: add the clue, or use text: inference)")
+            problems.append(("missing_target", "inputs.clue is missing or empty, and the text mode uses the clue "
+                                               "(fix: add the clue, or use text: inference)"))
     inference = targets.get("inference") if isinstance(targets, dict) else None
     if not isinstance(targets, dict):
-        problems.append("targets is missing (fix: records need targets.inference)")
+        problems.append(("missing_target", "targets is missing (fix: records need targets.inference)"))
     elif not isinstance(inference, str) or not inference.strip():
-        problems.append("targets.inference is missing or empty (fix: give the inference text or drop the record)")
+        problems.append(("missing_target", "targets.inference is missing or empty (fix: give the inference text "
+                                           "or drop the record)"))
     path = None
     if url is not None:
         try:
             path = url_to_path(url, vcr_root, vg_root)
         except ValueError as e:
-            problems.append(f"{e} (fix: use the release's URLs, which end in <folder>/<file>.jpg)")
+            problems.append(("malformed", f"{e} (fix: use the release's URLs, which end in <folder>/<file>.jpg)"))
         if path is not None and files is not None and not files.exists(path):
-            problems.append(f"image file not found: {path} (fix: check root, vcr_root and vg_root, or download the image again)")
+            problems.append(("missing_image", f"image file not found: {path} (fix: check root, vcr_root and "
+                                              f"vg_root, or download the image again)"))
     if problems:
         return None, problems
     split_idx = rec.get("split_idx", -1)
-    item = _Item(index=index, path=path, boxes=tuple(boxes), clue=clue.strip(),
-                 inference=inference.strip(), instance_id=str(iid), image_id=image_id_of(url),
-                 split_idx=int(split_idx) if _is_number(split_idx) else -1)
-    return item, []
+    return dict(path=path, boxes=tuple(boxes), clue=clue.strip(), inference=inference.strip(),
+                instance_id=str(iid), image_id=image_id_of(url),
+                split_idx=int(split_idx) if is_number(split_idx) else -1), []
 
 
-def _identity(text: str) -> str:
-    return text
-
-
-class SherlockDataset(Dataset):
+class SherlockDataset(RecordDataset):
     """Sherlock records -> samples ``{"image", "prompt", "text_output", "sample_id", "image_id",
     "references", "split_idx", "clue", "inference"}``.
 
@@ -260,98 +193,50 @@ class SherlockDataset(Dataset):
     the target built from the raw texts, for caption metrics.
     """
 
+    id_name = "instance_id"
+
     def __init__(self, ann_file: str, *, vcr_root: str, vg_root: str, vis_processor: Callable,
                  text_processor: Optional[Callable] = None, prompt: str = "", split: str = "train",
                  is_train: bool = False, region: str = "highlight", text: str = "inference",
                  flip: bool = False, crop_margin: float = 0.1, max_records: Optional[int] = None,
                  max_bad_samples: int = 0, check_images: bool = True):
-        if region not in REGION_MODES:
-            raise ValueError(f"region={region!r}: choose one of {', '.join(REGION_MODES)}")
         if text not in TEXT_MODES:
             raise ValueError(f"text={text!r}: choose one of {', '.join(TEXT_MODES)}")
-        self.ann_file = ann_file
+        super().__init__(ann_file, vis_processor=vis_processor, text_processor=text_processor, prompt=prompt,
+                         split=split, is_train=is_train, region=region, flip=flip, crop_margin=crop_margin)
         self.vcr_root, self.vg_root = vcr_root, vg_root
-        self.vis_processor = vis_processor
-        self.text_processor = text_processor
-        self.prompt = prompt
-        self.split = split
-        self.is_train = is_train
-        self.region = region
         self.text = text
-        self.flip = flip
-        self.crop_margin = crop_margin
-        self.items: List[_Item] = self._load(max_records, max_bad_samples, check_images)
+        self._load(max_records, max_bad_samples, check_images)
 
     # -- loading and checks --------------------------------------------------
-    def _load(self, max_records, max_bad_samples, check_images) -> List[_Item]:
+    def _load(self, max_records, max_bad_samples, check_images) -> None:
         records = load_records(self.ann_file, self.split)
         if max_records is not None:
             records = records[: max(0, int(max_records))]
-        if not records:
-            raise DatasetError(f"{self.ann_file} has no records. Fix: use the full file from "
-                               f"https://github.com/allenai/sherlock, or raise max_records.")
-        files = _DirIndex() if check_images else None
+        files = DirIndex() if check_images else None
         need_clue = self.text != "inference"
         items: List[_Item] = []
-        bad: List[str] = []
+        bad = []
         for i, rec in enumerate(records):
-            item, problems = _parse_record(i, rec, vcr_root=self.vcr_root, vg_root=self.vg_root,
-                                           need_clue=need_clue, files=files)
-            if item is not None:
-                items.append(item)
-                continue
-            iid = rec.get("instance_id", "?") if isinstance(rec, dict) else "?"
-            bad.append(f"record {i} (instance_id {iid}): " + "; ".join(problems))
-        if bad:
-            no_image_found = files is not None and files.missing > 0 and files.found == 0
-            self._report(bad, len(records), no_image_found, max_bad_samples)
-        return items
-
-    def _report(self, bad: List[str], total: int, no_image_found: bool, max_bad_samples: int) -> None:
-        if 0 < len(bad) <= max_bad_samples:
-            log.warning("%s", format_problems(
-                self.ann_file, bad, show=3,
-                fix=f"Skipping these {len(bad)} of {total} records (max_bad_samples={max_bad_samples})."))
-            return
+            fields, problems = _parse_record(rec, vcr_root=self.vcr_root, vg_root=self.vg_root,
+                                             need_clue=need_clue, files=files)
+            if fields is not None:
+                items.append(_Item(index=i, **fields))
+            else:
+                bad.append(self.bad(i, rec.get("instance_id") if isinstance(rec, dict) else None, problems))
         hints = []
-        if no_image_found:
+        if files is not None and files.missing > 0 and files.found == 0:
             hints.append(f"No image was found: the images are looked up under vcr_root={self.vcr_root} "
                          f"and vg_root={self.vg_root}; set root, vcr_root or vg_root. " + DOWNLOAD_HINT)
-        if max_bad_samples:
-            hints.append(f"{len(bad)} bad records is more than max_bad_samples={max_bad_samples}.")
-        else:
-            hints.append(f"Fix the records, or set max_bad_samples to at least {len(bad)} "
-                         f"to skip them (they are counted in a warning).")
-        raise DatasetError(format_problems(self.ann_file, bad, fix="\n".join(hints)))
-
-    def verify_images(self) -> List[str]:
-        """Open and decode every image; returns one problem line per unreadable image.
-
-        Slow (reads all the data): for ``tools/check_dataset.py``, not start-up.
-        """
-        problems, seen = [], set()
-        for it in self.items:
-            if it.path in seen:
-                continue
-            seen.add(it.path)
-            try:
-                with Image.open(it.path) as im:
-                    im.convert("RGB")
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
-                problems.append(f"record {it.index} (instance_id {it.instance_id}): cannot decode "
-                                f"{it.path}: {e}")
-        return problems
+        self.accept(items, bad, total=len(records), max_bad_samples=max_bad_samples, hints=hints)
 
     # -- samples -------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.items)
-
     def _texts(self, it: _Item) -> Tuple[str, str, str]:
         tp = self.text_processor
         if isinstance(tp, BlipCaptionProcessor):
             clean, lead = tp.pre_caption, tp.prompt
         else:
-            clean, lead = (tp or _identity), ""
+            clean, lead = (tp or identity), ""
         prompt = self.prompt
         if self.text == "clue_inference":
             target = f"clue: {clean(it.clue)} inference: {clean(it.inference)}"
@@ -370,51 +255,9 @@ class SherlockDataset(Dataset):
                 "image_id": it.image_id, "references": [reference], "split_idx": it.split_idx,
                 "clue": it.clue, "inference": it.inference}
 
-    def ground_truth(self) -> Dict[str, List[str]]:
-        """``sample_id -> references`` for caption metrics."""
-        return {a["sample_id"]: a["references"] for a in map(self.annotation, range(len(self)))}
-
-    def load_image(self, index: int) -> Image.Image:
-        it = self.items[index]
-        try:
-            with Image.open(it.path) as im:
-                return im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - report any decoder failure with its record
-            raise DatasetError(
-                f"cannot read image {it.path} of record {it.index} (instance_id {it.instance_id}) in "
-                f"{self.ann_file}: {e}. Fix: download the image again; tools/check_dataset.py lists "
-                f"every unreadable image.") from e
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        it = self.items[index]
-        image, boxes = render_region(self.load_image(index), it.boxes, self.region, margin=self.crop_margin)
-        if isinstance(self.vis_processor, ImageProcessor):
-            tensor = self.vis_processor(image, region=boxes, flip=None if self.flip else False)
-        else:  # a plain callable(image) from elsewhere
-            tensor = self.vis_processor(image)
-        sample = {"image": tensor}
-        sample.update(self.annotation(index))
-        return sample
-
     def __repr__(self) -> str:
         return (f"SherlockDataset(split={self.split!r}, records={len(self)}, file={self.ann_file!r}, "
                 f"region={self.region!r}, text={self.text!r})")
-
-
-def _resolve(root: str, path: str) -> str:
-    return path if os.path.isabs(path) or not root else os.path.join(root, path)
-
-
-def _config_from(options: Dict[str, Any]) -> SherlockConfig:
-    names = [f.name for f in dataclasses.fields(SherlockConfig)]
-    unknown = [k for k in options if k not in names]
-    if unknown:
-        parts = []
-        for k in unknown:
-            near = close_matches(k, names)
-            parts.append(f"{k!r}" + (f" (did you mean {', '.join(map(repr, near))}?)" if near else ""))
-        raise TypeError(f"unknown sherlock option(s) {', '.join(parts)}; valid: {', '.join(names)}")
-    return SherlockConfig(**options)
 
 
 @DATASETS.register("sherlock", schema=SherlockConfig)
@@ -424,13 +267,13 @@ def build_sherlock(*, split: str, is_train: bool, vis_processor: Callable,
     """Build one split (``train``, ``val`` or ``test``) from ``SherlockConfig`` fields."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
-    cfg = _config_from(options)
+    cfg = config_from(SherlockConfig, options, "sherlock")
     if cfg.synthetic is not None:
         make_tiny_sherlock(cfg.root, num_train=cfg.synthetic, num_val=cfg.synthetic_val,
                            seed=cfg.synthetic_seed, image_size=cfg.synthetic_image_size)
     file = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file or cfg.val_file}[split]
     return SherlockDataset(
-        _resolve(cfg.root, file),
+        resolve(cfg.root, file),
         vcr_root=cfg.vcr_root or os.path.join(cfg.root, "vcr1images"),
         vg_root=cfg.vg_root or os.path.join(cfg.root, "vg", "images"),
         vis_processor=vis_processor, text_processor=text_processor, prompt=prompt, split=split,

@@ -314,6 +314,10 @@ def _random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def _weights_error(arch: str, model_type: str, entry: ZooEntry, path: Optional[str], why: str) -> WeightsNotFoundError:
+    if entry.hf_name is None:  # tiny: only a folder written by this engine (tools/export_hf.py) can hold its weights
+        return WeightsNotFoundError(
+            f"{arch}/{model_type}: {why}. A tiny model loads from a folder written by tools/export_hf.py "
+            f"(or tools/import_lavis.py); leave model.pretrained unset for seeded random weights.")
     target = path or f"/data/hf/{entry.hf_name.split('/')[-1]}"
     return WeightsNotFoundError(
         f"{arch}/{model_type}: {why}. This model type loads the official checkpoint {entry.hf_name} from a local "
@@ -339,8 +343,8 @@ def _check_checkpoint(arch: str, model_type: str, entry: ZooEntry, path: Optiona
     if cfg.get("model_type") != want or text_type != spec.family:
         raise ValueError(
             f"{path} holds a '{cfg.get('model_type')}' model with a '{text_type}' language model, but {arch} "
-            f"needs '{want}' with '{spec.family}' (expected a copy of {entry.hf_name}); check model.arch and "
-            f"model.pretrained"
+            f"needs '{want}' with '{spec.family}' (expected a copy of {entry.hf_name or 'a tiny ' + arch}); "
+            f"check model.arch and model.pretrained"
         )
 
 
@@ -428,7 +432,7 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
               load_in_4bit: bool = False, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
               seed: int = 0) -> VisionLanguageModel:
     """Build `arch` / `model_type`. `pretrained`: a local HF checkpoint folder, or "random" for the
-    real architecture with random weights; ignored by `tiny` (seeded random weights)."""
+    real architecture with random weights; `tiny` without a folder builds seeded random weights."""
     spec = ARCHS[arch]
     if model_type not in spec.zoo:
         near = close_matches(model_type, spec.zoo)
@@ -442,7 +446,8 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
     cls = InstructBlipForConditionalGeneration if spec.instruct else Blip2ForConditionalGeneration
     qformer_tokenizer = local_tokenizer("qformer") if spec.instruct else None
 
-    if model_type == "tiny" or pretrained == "random":
+    # A tiny model_type with a folder loads it like an official one (e.g. the output of tools/export_hf.py).
+    if pretrained == "random" or (model_type == "tiny" and pretrained is None):
         if quant is not None:
             raise ValueError("load_in_8bit/load_in_4bit need pretrained weights (model.pretrained: <folder>)")
         tokenizer = local_tokenizer(spec.family)

@@ -56,9 +56,9 @@ class RunLog:
         for k, v in metrics.items():
             self.tb.add_scalar(f"{split}/{k}", v, step)
         if samples:
-            text = "\n\n".join(f"**{s.get('sample_id')}**: {s['caption']}  \n(ref: {s.get('reference', '')})"
-                               for s in samples)
-            self.tb.add_text(f"{split}/predictions", text, step)
+            lines = [f"**{s.get('sample_id')}**: {s['caption']}" if "caption" in s else json.dumps(s)
+                     for s in samples]
+            self.tb.add_text(f"{split}/predictions", "\n\n".join(lines), step)
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "epoch": epoch, "split": split, **metrics}) + "\n")
         self.tb.flush()

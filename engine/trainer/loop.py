@@ -21,6 +21,7 @@ from engine.config import Recipe
 from engine.data.collate import collate
 from engine.data.sampler import ExactDistributedSampler
 from engine.build import build_task
+from engine.export import save_lora_adapter
 from engine.tasks import write_predictions
 from engine.trainer import checkpoint
 from engine.trainer.logs import RunLog
@@ -97,12 +98,16 @@ class Trainer:
     def train_loader(self, epoch: int, start_micro: int):
         split = self.run.train_splits[0]
         ds = self.datasets[split]
-        # even=True: every rank gets the same number of samples (DeepSpeed steps in lockstep).
-        sampler = ExactDistributedSampler(len(ds), self.world, self.rank, shuffle=True, seed=self.run.seed,
-                                          even=True)
+        from engine.data.normalize import on_device
+        from engine.data.sampler import training_sampler
+
+        # Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets
+        # are drawn in the shares of run.train_dataset_ratios.
+        sampler = training_sampler(ds, self.world, self.rank, seed=self.run.seed)
         sampler.set_epoch(epoch)
         sampler.set_start(start_micro * self.run.batch_size_train)
-        return self._loader(ds, sampler, epoch)
+        # Images leave the workers as uint8 and are normalised on the device, here.
+        return on_device(self._loader(ds, sampler, epoch), ds, self.device)
 
     def _loader(self, ds, sampler, epoch: int):
         """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py."""
@@ -144,26 +149,62 @@ class Trainer:
         checkpoint.load(self.engine, ckpt_dir, module_only=True)
         logger.info("loaded weights from %s", ckpt_dir)
 
+    def _write_adapter(self, folder: str) -> None:
+        # Collective under ZeRO (fp32 master weights, ZeRO-3 gathers): runs on every rank, rank 0 writes.
+        save_lora_adapter(self.engine, os.path.join(folder, "adapter"), recipe=self.recipe.to_dict())
+
     def save(self, tag: str) -> str:
-        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state())
+        writer = self._write_adapter if self.recipe.model.lora is not None and not self.recipe.model.adapter else None
+        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state(), extra_writer=writer)
         checkpoint.prune(self.ckpt_root, self.run.keep_last, protect=[tag, self.best_tag or ""])
         logger.info("saved checkpoint %s", path)
         return path
 
     # ------------------------------------------------------------------ train
-    def _reduce_mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
-
     def train_step(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """One micro-batch: forward, backward, and DeepSpeed's step (which updates the weights only at
+        the accumulation boundary). The loss stays on the device: reading it here would make the
+        host wait for the device every step (see ``_flush``)."""
         image = batch["image"].to(self.device, non_blocking=True)
         loss = self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"])
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
+
+    def _flush(self, pending: List[Dict[str, Any]], since: float, bar) -> float:
+        """Write the optimizer steps in ``pending`` (one steps.jsonl line and TensorBoard point each).
+
+        Their losses are averaged over ranks with one all-reduce and read with one device->host copy
+        for the whole window, instead of a collective and a host sync after every step: the host keeps
+        queueing work while the device computes. samples/s is the window's rate (every step of the
+        window gets it), measured up to this point. Returns the start of the next window.
+        """
+        if not pending:
+            return since
+        losses = torch.stack([p["loss"] for p in pending])
+        if self.world > 1:
+            dist.all_reduce(losses)
+            losses /= self.world
+        losses = losses.tolist()  # the one wait for the device
+        now = time.perf_counter()
+        rate = sum(p["samples"] for p in pending) * self.world / max(now - since, 1e-9)
+        peak = _peak_mem_gb(self.device)
+        for p, loss in zip(pending, losses):
+            norm = p["grad_norm"]
+            values = {
+                "loss": loss,
+                "lr": p["lr"],
+                "grad_norm": float(norm) if norm is not None else 0.0,  # None: DeepSpeed did not compute it
+                "samples_per_s": rate,
+                "peak_mem_gb": peak,
+                "epoch": p["epoch"],
+            }
+            self.log.step(p["step"], values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        logger.info("step %d epoch %.2f loss %.4f lr %.3e grad_norm %.3f %.1f samples/s", pending[-1]["step"],
+                    values["epoch"], values["loss"], values["lr"], values["grad_norm"], rate)
+        pending.clear()
+        return now
 
     def fit(self) -> None:
         r = self.run
@@ -171,7 +212,11 @@ class Trainer:
         # The bar is for people watching a terminal; logs and CI get the periodic log lines instead.
         bar = tqdm(total=total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
                    disable=self.rank != 0 or not sys.stderr.isatty())
-        window_loss, window_n, t0, samples = 0.0, 0, time.perf_counter(), 0
+        # Optimizer steps not yet written. They are written every log_freq steps (and at step 1, before
+        # every checkpoint and at the end of an epoch), still one entry per step: see _flush.
+        pending: List[Dict[str, Any]] = []
+        window_loss, window_n, samples = None, 0, 0
+        since = time.perf_counter()
         stop = False
         while self.epoch < r.max_epoch and not stop:
             self.model.train()
@@ -179,36 +224,35 @@ class Trainer:
             for batch in loader:
                 if self.micro_in_epoch >= self.micro_per_epoch:
                     break  # every rank stops after the same number of micro-batches
-                loss = self.train_step(batch)
-                window_loss += float(loss)
+                loss = self.train_step(batch).double()
+                window_loss = loss if window_loss is None else window_loss + loss
                 window_n += 1
                 samples += len(batch["prompt"])
                 self.micro_in_epoch += 1
                 if window_n < r.accum_grad_iters:
                     continue  # DeepSpeed only stepped the optimizer at the accumulation boundary
                 self.global_step += 1
-                elapsed = time.perf_counter() - t0
-                values = {
-                    "loss": self._reduce_mean(window_loss / window_n),
+                pending.append({
+                    "step": self.global_step,
+                    "loss": window_loss / window_n,  # still on the device
                     "lr": self.engine.get_lr()[0],
-                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                    "samples_per_s": samples * self.world / max(elapsed, 1e-9),
-                    "peak_mem_gb": _peak_mem_gb(self.device),
+                    # A fresh tensor (or float) per step from DeepSpeed; read at the flush.
+                    "grad_norm": self.engine.get_global_grad_norm(),
+                    "samples": samples,
                     "epoch": self.epoch + self.micro_in_epoch / self.micro_per_epoch,
-                }
-                self.log.step(self.global_step, values)
+                })
+                window_loss, window_n, samples = None, 0, 0
                 bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-                if self.global_step % r.log_freq == 0 or self.global_step == 1:
-                    logger.info("step %d epoch %d loss %.4f lr %.3e grad_norm %.3f %.1f samples/s",
-                                self.global_step, self.epoch, values["loss"], values["lr"], values["grad_norm"],
-                                values["samples_per_s"])
-                window_loss, window_n, t0, samples = 0.0, 0, time.perf_counter(), 0
-                if r.save_every_steps and self.global_step % r.save_every_steps == 0:
+                save = bool(r.save_every_steps) and self.global_step % r.save_every_steps == 0
+                stop = r.max_steps is not None and self.global_step >= r.max_steps
+                if save or stop or self.global_step % r.log_freq == 0 or self.global_step == 1:
+                    since = self._flush(pending, since, bar)
+                if save:
                     self.save(f"step{self.global_step}")
-                if r.max_steps is not None and self.global_step >= r.max_steps:
-                    stop = True
+                    since = time.perf_counter()  # the save's time is not training throughput
+                if stop:
                     break
+            since = self._flush(pending, since, bar)  # the epoch's last steps, before its checkpoint
             finished_epoch = self.micro_in_epoch >= self.micro_per_epoch
             tag = f"epoch{self.epoch}" if finished_epoch else f"step{self.global_step}"
             if finished_epoch:
@@ -217,6 +261,7 @@ class Trainer:
             if r.val_freq and r.valid_splits and (self.epoch % r.val_freq == 0 or stop or self.epoch >= r.max_epoch):
                 if self.validate(tag):
                     stop = True
+            since = time.perf_counter()
         bar.close()
         if r.test_splits:
             self.test()

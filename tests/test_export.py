@@ -1,0 +1,526 @@
+"""Export, LoRA adapters and merge, LAVIS import and the inference CLI, on checkpoints of real tiny runs.
+
+Two training runs are shared by the whole module: ZeRO-2 on one rank (bf16, frozen ViT) and ZeRO-3 on
+two ranks (fp32, LoRA on the LLM).
+"""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers import ROOT, TINY, run_train, tiny_options
+
+from engine.config import load_yaml, parse_recipe
+
+
+def tool(name):
+    """Import tools/<name>.py as a module (its main(argv) runs the CLI in this process)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_recipe(*options):
+    return parse_recipe(load_yaml(TINY), options=list(options), check_files=False)
+
+
+def sample_inputs(model, n=2):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
+    inputs = model.build_inputs(["inference: "] * n, ["a red circle near the tree", "two dogs"][:n])
+    return image, inputs
+
+
+def logits(hf, image, inputs):
+    hf.eval()
+    with torch.no_grad():
+        return hf(pixel_values=image.to(hf.dtype), **inputs).logits.float()
+
+
+def latest_checkpoint(run):
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def hf_class(model):
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+
+    return InstructBlipForConditionalGeneration if model.instruct else Blip2ForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zero2")
+    proc = run_train(tiny_options(d, "run.max_epoch=1", "run.max_steps=2", "run.val_freq=0", "model.freeze_vit=true",
+                                  n_train=32, n_val=8))
+    assert proc.returncode == 0
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def zero3_lora_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zero3_lora")
+    proc = run_train(tiny_options(d, "run.max_epoch=1", "run.max_steps=2", "run.val_freq=0",
+                                  "run.deepspeed=ds_configs/zero3.json", "run.precision=fp32", "model.lora.r=4",
+                                  "model.lora.alpha=8", "model.lora.dropout=0.0", n_train=32, n_val=8), ranks=2)
+    assert proc.returncode == 0
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
+def zero2_export(zero2_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "zero2"
+    # The run folder resolves to the checkpoint `latest` names.
+    assert tool("export_hf").main([str(zero2_run), str(out)]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, zero2_export, capsys):
+    from transformers import AutoProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+
+    from engine.build import build_model
+    from engine.data.processors import BlipImageEvalProcessor
+    from engine.export import load_checkpoint_model, parse_saved_recipe
+
+    out = zero2_export
+    ckpt = latest_checkpoint(zero2_run)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "recipe.yaml",
+                 "export_info.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["global_step"] == 2 and info["source_checkpoint"] == os.path.realpath(ckpt)
+    # bf16 run: the frozen ViT comes back as the run held it (bf16), trained parts as fp32 masters.
+    assert info["parts"]["vision"]["trained"] is False
+    assert info["parts"]["vision"]["source_dtype"] == "bfloat16"
+    assert info["parts"]["qformer"]["source_dtype"] == info["parts"]["llm"]["source_dtype"] == "float32"
+    assert info["saved_dtype"] == "fp32"
+
+    engine_model, _, _ = load_checkpoint_model(str(ckpt))
+    image, inputs = sample_inputs(engine_model)
+    expected = logits(engine_model.hf, image, inputs)
+    hf = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=0, atol=0)
+
+    # The weights the bf16 engine computed with (its module states) are the export's, rounded to bf16.
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = hf.state_dict()
+    assert set(state) == {k[len("hf."):] for k in module}
+    for key, value in module.items():
+        assert torch.equal(state[key[len("hf."):]].to(value.dtype), value), key
+
+    # The engine's builder loads the folder through recipe.yaml (model.pretrained points at it).
+    recipe = parse_saved_recipe(yaml.safe_load((out / "recipe.yaml").read_text()))
+    assert recipe.model.pretrained == str(out) and recipe.model.model_type == "tiny"
+    rebuilt = build_model(recipe)
+    torch.testing.assert_close(logits(rebuilt.hf, image, inputs), expected, rtol=0, atol=0)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("a red circle")["input_ids"] == engine_model.tokenizer("a red circle")["input_ids"]
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Blip2Processor" and processor.num_query_tokens == 8
+    from PIL import Image
+
+    picture = Image.new("RGB", (96, 72), (200, 30, 90))
+    picture.paste((10, 200, 40), (10, 10, 40, 50))
+    batch = processor(images=picture, text="inference:", return_tensors="pt")
+    torch.testing.assert_close(batch["pixel_values"][0], BlipImageEvalProcessor(64)(picture), rtol=0, atol=1e-6)
+    assert batch["input_ids"][0, :8].tolist() == [engine_model.image_token_id] * 8  # one per query token
+
+    # Never into a non-empty folder without --force.
+    capsys.readouterr()
+    assert tool("export_hf").main([str(ckpt), str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+
+
+def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration
+
+    from engine.export import consolidated_state_dict, load_checkpoint_model, save_lora_adapter
+
+    ckpt = latest_checkpoint(zero3_lora_run)
+    assert sorted(p.name for p in ckpt.glob("*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    adapter_model, recipe_dict, _ = load_checkpoint_model(str(ckpt))  # LoRA layers in place, not merged
+    image, inputs = sample_inputs(adapter_model)
+    expected = logits(adapter_model.hf, image, inputs)
+
+    merged = tmp_path / "merged"
+    assert tool("export_hf").main([str(ckpt), str(merged)]) == 0
+    info = json.loads((merged / "export_info.json").read_text())
+    assert info["lora"] == {"parts": ["llm"], "merged_layers": 4}
+    assert info["parts"]["llm"]["trained"] is False and info["parts"]["lora"]["trained"] is True
+    assert not any("lora" in k for k in load_file(merged / "model.safetensors"))
+    assert yaml.safe_load((merged / "recipe.yaml").read_text())["model"]["lora"] is None
+    hf = Blip2ForConditionalGeneration.from_pretrained(merged, dtype=torch.float32)
+    torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=1e-5, atol=1e-5)
+
+    # --keep-adapter: base weights + a peft folder that PeftModel.from_pretrained loads.
+    kept = tmp_path / "kept"
+    assert tool("export_hf").main([str(ckpt), str(kept), "--keep-adapter"]) == 0
+    assert (kept / "adapter" / "adapter_config.json").is_file()
+    base = Blip2ForConditionalGeneration.from_pretrained(kept, dtype=torch.float32)
+    PeftModel.from_pretrained(base.language_model, kept / "adapter")  # injects the adapters in place
+    torch.testing.assert_close(logits(base, image, inputs), expected, rtol=0, atol=0)
+
+    # merge_lora.py on that adapter folder (its recipe names the kept folder as base) and on the checkpoint.
+    from_adapter, from_ckpt = tmp_path / "from_adapter", tmp_path / "from_ckpt"
+    assert tool("merge_lora").main([str(kept / "adapter"), str(from_adapter)]) == 0
+    assert tool("merge_lora").main([str(ckpt), str(from_ckpt)]) == 0
+    for folder in (from_adapter, from_ckpt):
+        hf = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=1e-5, atol=1e-5)
+
+    # A tiny base built under ZeRO-3 cannot be rebuilt from the seed: a lone adapter needs --base.
+    lone = tmp_path / "lone"
+    save_lora_adapter(adapter_model, lone, recipe=recipe_dict)
+    capsys.readouterr()
+    assert tool("merge_lora").main([str(lone), str(tmp_path / "nope")]) == 2
+    assert "ZeRO-3" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+    # When the trainer stores the adapter beside the checkpoint, it holds the consolidated fp32 weights.
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    full = consolidated_state_dict(str(ckpt))
+    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    assert adapter
+    for key, value in adapter.items():
+        name = "hf.language_model." + re.sub(r"\.(lora_[AB])\.", r".\1.default.", key[len("base_model.model."):])
+        assert torch.equal(full[name].contiguous(), value), key
+
+
+SAVE_ADAPTER_UNDER_DEEPSPEED = r"""
+import os, socket, sys
+out = sys.argv[1]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import deepspeed, torch
+from engine.build import build_model
+from engine.config import load_recipe
+from engine.deepspeed_config import fill_ds_config
+from engine.export import save_lora_adapter
+from engine.trainer.loop import param_groups
+deepspeed.init_distributed()
+for stage in (2, 3):
+    recipe = load_recipe("recipes/tiny_sherlock.yaml", [f"run.deepspeed=ds_configs/zero{stage}.json",
+                         "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0"], check_files=False)
+    model = build_model(recipe)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05),
+                                      config=fill_ds_config(recipe, 1, on_cpu=True))
+    torch.manual_seed(0)
+    loss = engine(image=torch.randn(2, 3, 64, 64).bfloat16(), prompt=["inference: "] * 2,
+                  text_output=["a dog", "two cats"])
+    engine.backward(loss)
+    engine.step()
+    engine.save_checkpoint(os.path.join(out, f"ckpt{stage}"), tag="t")
+    save_lora_adapter(engine, os.path.join(out, f"zero{stage}"), recipe=recipe.to_dict())
+"""
+
+
+def test_save_lora_adapter_under_zero2_and_zero3_holds_the_fp32_masters(tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+
+    from engine.build import build_model
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", SAVE_ADAPTER_UNDER_DEEPSPEED, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in (2, 3):
+        folder = tmp_path / f"zero{stage}"
+        info = json.loads((folder / "adapter_info.json").read_text())
+        assert info["parts"] == {"llm": "."} and info["dtype"] == ["float32"]
+        full = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / f"ckpt{stage}"), tag="t")
+        adapter = load_file(folder / "adapter_model.safetensors")
+        trained = load_file(folder / "trained_weights.safetensors")
+        assert len(adapter) == 8 and {k.split(".")[0] for k in trained} == {
+            "query_tokens", "vision_model", "qformer", "language_projection"}
+        rounded = 0
+        for key, value in adapter.items():
+            name = "hf.language_model." + re.sub(r"\.(lora_[AB])\.", r".\1.default.", key[len("base_model.model."):])
+            assert torch.equal(full[name], value), key
+            rounded += torch.equal(value.bfloat16().float(), value)
+        for key, value in trained.items():
+            assert torch.equal(full["hf." + key], value), key
+        assert rounded == 0  # the fp32 masters, not the bf16 module weights
+    base = build_model(tiny_recipe())
+    PeftModel.from_pretrained(base.hf.language_model, tmp_path / "zero3")
+
+
+def test_adapter_folder_merges_onto_the_recipes_seeded_base(tmp_path):
+    """An adapter folder alone (no checkpoint): merge_lora.py rebuilds the tiny base from the recipe."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from engine.build import build_model
+    from engine.export import save_lora_adapter
+
+    recipe = tiny_recipe("model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0",
+                         "model.lora.on=[llm,qformer]")
+    model = build_model(recipe).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as if trained: adapters and the (trainable) Q-Former move
+        for name, p in model.hf.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    image, inputs = sample_inputs(model)
+    expected = logits(model.hf, image, inputs)
+    adapter = tmp_path / "adapter"
+    save_lora_adapter(model, adapter, recipe=recipe.to_dict())
+    assert (adapter / "qformer" / "adapter_config.json").is_file() and (adapter / "recipe.yaml").is_file()
+    out = tmp_path / "merged"
+    assert tool("merge_lora").main([str(adapter), str(out)]) == 0
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["merge"]["merged_layers"] == {"llm": 4, "qformer": 8}
+    hf = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"])
+def test_hf_folder_of_every_family_loads_with_its_processor(arch, tmp_path):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from engine.build import build_model
+    from engine.export import parse_saved_recipe, save_hf_folder
+    from engine.models import WeightsNotFoundError
+    from engine.models.blip2 import build_vlm
+
+    recipe = tiny_recipe(f"model.arch={arch}")
+    model = build_model(recipe).eval()
+    image, inputs = sample_inputs(model)
+    expected = logits(model.hf, image, inputs)
+    save_hf_folder(model, str(tmp_path / "out"), recipe_dict=recipe.to_dict(), info={})
+    out = tmp_path / "out"
+    hf = hf_class(model).from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=0, atol=0)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == ("InstructBlipProcessor" if model.instruct else "Blip2Processor")
+    if model.instruct:
+        assert (out / "qformer_tokenizer").is_dir()
+        assert processor.qformer_tokenizer("a dog")["input_ids"] == model.qformer_tokenizer("a dog")["input_ids"]
+    assert AutoTokenizer.from_pretrained(out)("a dog")["input_ids"] == model.tokenizer("a dog")["input_ids"]
+    rebuilt = build_model(parse_saved_recipe(yaml.safe_load((out / "recipe.yaml").read_text())))
+    torch.testing.assert_close(logits(rebuilt.hf, image, inputs), expected, rtol=0, atol=0)
+    with pytest.raises(WeightsNotFoundError, match="tools/export_hf.py"):
+        build_vlm(arch, model_type="tiny", pretrained=str(tmp_path / "missing"))
+
+
+def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, capsys):
+    export = tool("export_hf")
+    src = latest_checkpoint(zero2_run)
+    # Another arch in the recipe: every key difference is named.
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    state = json.loads((other / "engine_state.json").read_text())
+    state["recipe"]["model"]["arch"] = "blip2_t5"
+    (other / "engine_state.json").write_text(json.dumps(state))
+    assert export.main([str(other), str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model built from the recipe" in err and "language_model.encoder" in err
+    # A truncated shard.
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    optim = next(cut.glob("*_optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 3])
+    assert export.main([str(cut), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "could not consolidate" in err and "truncated" in err
+    # An interrupted save (no COMPLETE marker).
+    (cut / "COMPLETE").unlink()
+    assert export.main([str(cut), str(tmp_path / "o3")]) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+# ----------------------------------------------------------------------------- LAVIS import
+
+
+def to_lavis(hf_state, family, instruct):
+    """transformers names -> LAVIS names (the inverse of the importer's mapping, written independently)."""
+    llm, proj = {"opt": ("opt_model", "opt_proj"), "t5": ("t5_model", "t5_proj"),
+                 "llama": ("llm_model", "llm_proj")}[family]
+    out = {}
+    for key, value in hf_state.items():
+        m = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.*)$", key)
+        if m:
+            i, rest = m.groups()
+            if rest == "self_attn.qkv.bias":
+                q, k, v = value.chunk(3)
+                assert not k.any()  # EVA has no key bias
+                out[f"visual_encoder.blocks.{i}.attn.q_bias"] = q.clone()
+                out[f"visual_encoder.blocks.{i}.attn.v_bias"] = v.clone()
+                continue
+            rest = (rest.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+                    .replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv"))
+            out[f"visual_encoder.blocks.{i}.{rest}"] = value
+            continue
+        renames = {
+            "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+            "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+        }
+        if key in renames:
+            out[renames[key]] = value
+        elif key.startswith("vision_model.embeddings.patch_embedding."):
+            out["visual_encoder.patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("vision_model.post_layernorm."):
+            out["ln_vision." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("qformer.layernorm.") or key.startswith("qformer.embeddings.layernorm."):
+            out["Qformer.bert.embeddings.LayerNorm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("qformer.embeddings."):
+            out["Qformer.bert." + key[len("qformer."):]] = value
+        elif key.startswith("qformer.encoder."):
+            rest = key[len("qformer."):].replace("attention.attention.", "attention.self.")
+            out["Qformer.bert." + rest] = value
+        elif key.startswith("language_projection."):
+            out[proj + key[len("language_projection"):]] = value
+        elif key.startswith("language_model."):
+            out[llm + key[len("language_model"):]] = value
+        elif key == "query_tokens":
+            out[key] = value
+        else:
+            raise AssertionError(f"no LAVIS name for {key}")
+    return out
+
+
+class NotATensor:
+    """Stands for the OmegaConf or argparse objects some .pth files pickle."""
+
+
+def trained_like(arch, seed):
+    from engine.models.blip2 import build_vlm
+
+    model = build_vlm(arch, model_type="tiny", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.02
+            if name.endswith("self_attn.qkv.bias"):
+                noise[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0  # the key bias stays zero, as in EVA
+            p.add_(noise)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct"])
+def test_import_lavis_round_trips_every_tensor(arch, tmp_path, capsys):
+    from engine.models.blip2 import ARCHS
+
+    spec = ARCHS[arch]
+    source = trained_like(arch, seed=1)
+    state = {k: v.clone() for k, v in source.hf.state_dict().items()}
+    lavis = to_lavis(state, spec.family, spec.instruct)
+    lavis["Qformer.bert.embeddings.position_ids"] = torch.arange(32)[None]  # a buffer LAVIS saves
+    pth = tmp_path / "checkpoint_3.pth"
+    torch.save({"model": lavis, "config": {"model": {"prompt": "inference: "}}, "epoch": 3}, pth)
+    out = tmp_path / "imported"
+    assert tool("import_lavis").main([str(pth), str(out), "--arch", arch, "--model_type", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped  Qformer.bert.embeddings.position_ids" in printed and "UNMAPPED" not in printed
+    hf = hf_class(source).from_pretrained(out, dtype=torch.float32)
+    loaded = hf.state_dict()
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["prompt"] == "inference: " and recipe["datasets"]["sherlock"]["region"] == "highlight"
+
+
+def test_import_lavis_sherlock_style_partial_checkpoint_keeps_the_rest_from_base(tmp_path, capsys):
+    from transformers import Blip2ForConditionalGeneration
+
+    from engine.models.blip2 import build_vlm
+
+    base = build_vlm("blip2_opt", model_type="tiny").hf.state_dict()
+    source = trained_like("blip2_opt", seed=2).hf.state_dict()
+    lavis = to_lavis(source, "opt", False)
+    partial = {k: v for k, v in lavis.items() if k.startswith(("Qformer.", "query_tokens", "opt_proj."))}
+    partial["Qformer.cls.predictions.bias"] = torch.zeros(4)  # stage-1 head: dropped, with the reason
+    pth = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": partial}, pth)
+    out = tmp_path / "imported"
+    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept from base: vision" in printed and "kept from base: llm" in printed
+    assert "dropped  Qformer.cls.predictions.bias" in printed
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["kept_from_base"]["vision"] > 0 and info["kept_from_base"]["llm"] > 0
+    assert "qformer" not in info["kept_from_base"]
+    loaded = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
+    for key in loaded:
+        want = source if key.startswith(("qformer.", "query_tokens", "language_projection.")) else base
+        assert torch.equal(loaded[key], want[key]), key
+
+
+def test_import_lavis_refuses_unmapped_keys_pickled_objects_and_another_llm(tmp_path, capsys):
+    lavis = to_lavis(trained_like("blip2_opt", seed=3).hf.state_dict(), "opt", False)
+    importer = tool("import_lavis")
+    args = ["--arch", "blip2_opt", "--model_type", "tiny"]
+
+    odd = tmp_path / "odd.pth"
+    torch.save({"model": dict(lavis, **{"Qformer.bert.pooler.dense.weight": torch.zeros(2, 2)})}, odd)
+    assert importer.main([str(odd), str(tmp_path / "o1"), *args]) == 2
+    assert "Qformer.bert.pooler.dense.weight" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    assert importer.main([str(odd), str(tmp_path / "o1"), *args, "--allow-unmapped"]) == 0
+    assert "UNMAPPED Qformer.bert.pooler.dense.weight" in capsys.readouterr().out
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": lavis, "config": NotATensor()}, pickled)
+    assert importer.main([str(pickled), str(tmp_path / "o2"), *args]) == 2
+    assert "could run arbitrary code" in capsys.readouterr().err
+
+    assert importer.main([str(odd), str(tmp_path / "o3"), "--arch", "blip2_t5", "--model_type", "tiny"]) == 2
+    assert "holds an 'opt' language model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_infer_prints_text_for_an_image_with_a_region(zero2_run, zero2_export, tmp_path, capsys):
+    from PIL import Image
+
+    picture = Image.new("RGB", (120, 90), (240, 240, 240))
+    picture.paste((200, 20, 20), (20, 30, 60, 70))
+    path = tmp_path / "scene.png"
+    picture.save(path)
+    infer = tool("infer")
+    for model in (zero2_export, latest_checkpoint(zero2_run)):
+        capsys.readouterr()
+        assert infer.main(["--model", str(model), "--image", str(path), "--region", "20,30,40,40",
+                           "--max_len", "5"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip() and len(captured.out.strip().splitlines()) == 1
+        assert "region mode highlight, text mode inference" in captured.err
+    assert infer.main(["--model", str(zero2_export), "--image", str(path), "--region", "1,2,3"]) == 2
+    assert "left,top,width,height" in capsys.readouterr().err
+
+
+def test_infer_prepares_image_and_prompt_exactly_as_the_dataset(zero2_run):
+    from engine.build import build_dataset
+    from engine.export import checkpoint_recipe, parse_saved_recipe
+    from engine.inference import build_prompt, data_settings, prepare_image
+
+    data = checkpoint_recipe(str(latest_checkpoint(zero2_run)))
+    for region, text in (("highlight", "clue_in_prompt"), ("crop", "inference")):
+        data["datasets"]["sherlock"].update(region=region, text=text)
+        recipe = parse_saved_recipe(data)
+        dataset = build_dataset(recipe, "sherlock", "val", is_train=False)
+        sample = dataset[0]
+        item = dataset.items[0]
+        settings = data_settings(recipe)
+        prompt, _ = build_prompt(recipe, settings, clue=sample["clue"])
+        assert prompt == sample["prompt"]
+        torch.testing.assert_close(prepare_image(dataset.load_image(0), item.boxes, settings), sample["image"],
+                                   rtol=0, atol=0)
