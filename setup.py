@@ -27,7 +27,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib"],  # tests/test_run_logs.py runs tools/plot_run.py
         "quant": ["bitsandbytes>=0.43"],
         "plots": ["matplotlib"],
     },

@@ -155,19 +155,11 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- docs
 
 
-def replace_section(path: str, heading: str, body: str, title: str) -> None:
+def replace_section(path: str, heading: str, body: str) -> None:
     """Replace (or append) the section `heading` of a markdown file; the other sections stay."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else f"# {title}\n\n"
-    section = f"{heading}\n\n{body.strip()}\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1:])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text.rstrip("\n") + "\n")
+    from bench.report import write_section
+
+    write_section(path, heading, f"{heading}\n\n{body.strip()}\n")
 
 
 def table(rows) -> str:
@@ -186,10 +178,12 @@ def table(rows) -> str:
 
 
 def report(rows, args) -> str:
+    from bench.report import machine
+
     device = next((r["device"] for r in rows if r.get("device")), "unknown GPU")
     when = datetime.date.today().isoformat()
-    return (f"Measured {when} on one {device}, memory capped at {args.cap_gb:g} GiB, random-init real-size "
-            f"models, {args.warmup} warm-up + {args.steps} timed steps per recipe "
+    return (f"Measured {when} on one GPU ({machine(device)}), memory capped at {args.cap_gb:g} GiB, "
+            f"random-init real-size models, {args.warmup} warm-up + {args.steps} timed steps per recipe "
             f"(`python bench/gpu_memory.py{' --write' if args.write else ''}`). "
             f"Planner error = measured peak allocated / predicted allocated - 1. MFU: model FLOPs per sample "
             f"(bench/gpu_memory.py explains the count) x samples/s / the GPU's peak dense bf16 FLOP/s.\n\n"
@@ -265,10 +259,10 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
     if args.write:
-        replace_section(os.path.join(ROOT, "docs", "memory.md"), MEASURED, text, "Memory")
+        replace_section(os.path.join(ROOT, "docs", "memory.md"), MEASURED, text)
         replace_section(os.path.join(ROOT, "docs", "benchmarks.md"), SECTION,
                         "Peak GPU memory, speed and MFU of each recipe on one GPU capped at 24 GiB, with the "
-                        "memory planner's error: see docs/memory.md for the planner.\n\n" + text, "Benchmarks")
+                        "memory planner's error: see docs/memory.md for the planner.\n\n" + text)
     return 0
 
 

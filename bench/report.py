@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: the machine line and rewriting one section of docs/benchmarks.md."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -38,8 +39,8 @@ def machine(gpu: Optional[str] = None) -> str:
     versions = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
     for name in ("deepspeed", "transformers", "accelerate"):
         try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
+            versions.append(f"{name} {importlib.metadata.version(name)}")  # without importing it
+        except importlib.metadata.PackageNotFoundError:
             pass
     head = f"{gpu}; " if gpu else ""
     return f"{head}{cpu_name()}, {os.cpu_count()} cores{mem_s}; {', '.join(versions)}"

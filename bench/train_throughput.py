@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import resource
 import socket
@@ -33,10 +34,12 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench/flops.py, bench/report.py (when imported)
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Training throughput"
@@ -47,7 +50,7 @@ LABELS = {"engine": "engine (engine/train.py loop)", "bare": "bare DeepSpeed loo
 
 @dataclasses.dataclass
 class Bench:
-    """One model to compare: recipe overrides on top of recipes/tiny_sherlock.yaml, plus batch and data size."""
+    """One model to compare: overrides of a recipe (default: the tiny default's), the micro batch, image size."""
 
     name: str
     description: str
@@ -91,7 +94,7 @@ def benches(smoke: bool = False) -> Dict[str, Bench]:
         "small": Bench("small", "small BLIP-2 OPT (65M parameters: ViT 11M and OPT 46M frozen, Q-Former 8.5M "
                                 "trained), 160 px",
                        ["model.model_type=bench_small", "model.pretrained=random", "model.freeze_vit=true",
-                        "model.freeze_llm=true"], batch=2 if smoke else 4, image_size=160, zoo=_small_zoo()),
+                        "model.freeze_llm=true"], batch=2 if smoke else 8, image_size=160, zoo=_small_zoo()),
     }
 
 
@@ -101,17 +104,24 @@ def benches(smoke: bool = False) -> Dict[str, Bench]:
 class SyntheticCaptions:
     """``n`` samples shaped like the engine's training batches: a normalised float image, the recipe's
     prompt and a Sherlock-style inference. Images come from a small seeded pool (no decoding: this
-    benchmark is about the training loop, bench/data_pipeline.py measures the loaders)."""
+    benchmark is about the training loop, bench/data_pipeline.py measures the loaders). With
+    ``length_of`` (text -> the model's input length), only the inferences of the largest length are used, so
+    every batch has the same shape whichever samples a loop's sampler draws: the three loops do the same
+    work per step."""
 
-    def __init__(self, n: int, image_size: int, prompt: str, seed: int = 0, pool: int = 32):
+    def __init__(self, n: int, image_size: int, prompt: str, seed: int = 0, pool: int = 32,
+                 length_of: Optional[Callable[[str], int]] = None):
         import torch
 
         from engine.data.synthetic import COLOURS, SHAPES, inference_for
 
         g = torch.Generator().manual_seed(seed)
         self.images = [torch.randn(3, image_size, image_size, generator=g) for _ in range(pool)]
-        combos = [(c, s) for c in COLOURS for s in SHAPES]
-        self.texts = [inference_for(*combos[i % len(combos)]) for i in range(n)]
+        texts = [inference_for(c, s) for c in COLOURS for s in SHAPES]
+        if length_of is not None:
+            lengths = [length_of(t) for t in texts]
+            texts = [t for t, n in zip(texts, lengths) if n == max(lengths)]
+        self.texts = texts
         self.prompt = prompt
         self.n = n
 
@@ -119,7 +129,13 @@ class SyntheticCaptions:
         return self.n
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        return {"image": self.images[i % len(self.images)], "prompt": self.prompt, "text_output": self.texts[i]}
+        return {"image": self.images[i % len(self.images)], "prompt": self.prompt,
+                "text_output": self.texts[i % len(self.texts)]}
+
+    def batch(self, start: int, size: int) -> Dict[str, Any]:
+        from engine.data.collate import collate
+
+        return collate([self[i] for i in range(start, start + size)])
 
 
 # --------------------------------------------------------------------------- the worker side
@@ -204,13 +220,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_engine(recipe, model, data, clock: Clock, out_dir: str) -> Any:
+def run_engine(recipe, model, data, clock: Clock, out_dir: str) -> None:
     from engine.trainer.logs import setup_logging
     from engine.trainer.loop import Trainer, micro_batches_per_epoch
 
+    os.makedirs(out_dir, exist_ok=True)
     setup_logging(out_dir, 0)  # train.log as in a real run; the console stays quiet
-    import logging
-
     for h in logging.getLogger().handlers:
         if type(h) is logging.StreamHandler:
             h.setLevel(logging.WARNING)
@@ -227,28 +242,27 @@ def run_engine(recipe, model, data, clock: Clock, out_dir: str) -> Any:
         trainer.fit()
     finally:
         trainer.close()
-    return engine.device
 
 
-def run_bare(recipe, model, data, clock: Clock, out_dir: str) -> Any:
+def run_bare(recipe, model, data, clock: Clock, out_dir: str) -> None:
     import itertools
-
-    from engine.data.collate import collate
 
     B = recipe.run.batch_size_train
     engine = _initialize(recipe, model, len(data) // B)
     device = engine.device
-    batches = [collate([data[i] for i in range(k * B, (k + 1) * B)]) for k in range(min(len(data) // B, 16))]
+    batches = [data.batch(k * B, B) for k in range(min(len(data) // B, 16))]
+    if device.type == "cuda":  # pinned, as the other loops' DataLoaders hand them over: the copy is asynchronous
+        for b in batches:
+            b["image"] = b["image"].pin_memory()
     engine.train()
     for batch in clock.wrap(itertools.cycle(batches)):
         image = batch["image"].to(device, non_blocking=True)
         loss = engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"])
         engine.backward(loss)
         engine.step()
-    return device
 
 
-def run_trainer(recipe, model, data, clock: Clock, out_dir: str) -> Any:
+def run_trainer(recipe, model, data, clock: Clock, out_dir: str) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from engine.data.collate import collate
@@ -282,7 +296,20 @@ def run_trainer(recipe, model, data, clock: Clock, out_dir: str) -> Any:
 
     trainer = LossTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Tick()])
     trainer.train()
-    return args.device
+
+
+def step_info(model, data: SyntheticCaptions, batch: int) -> Dict[str, Any]:
+    """Parameter counts, the LLM sequence length and the model FLOPs of one step (bench/flops.py)."""
+    from flops import blip2_opt_step_flops, trained_parts
+
+    summary = model.parameter_summary()["all"]
+    b = data.batch(0, batch)
+    seq_len = model.build_inputs(b["prompt"], b["text_output"])["input_ids"].shape[1]
+    vit, qformer, llm = trained_parts(model.hf)
+    flops = blip2_opt_step_flops(model.hf.config, batch, seq_len, train_vit=vit, train_qformer=qformer,
+                                 train_llm=llm)
+    return {"params": summary["total"], "trainable": summary["trainable"], "seq_len": seq_len,
+            "flops_per_step": flops["total"]}
 
 
 RUNNERS: Dict[str, Callable] = {"engine": run_engine, "bare": run_bare, "trainer": run_trainer}
@@ -292,11 +319,13 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
     """Entry of a loop's process: build, then train under the parent's Clock until told to stop."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+    if bench.threads:
+        # Through the environment too: accelerate (under the Trainer) resets torch's thread count from it.
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(bench.threads)
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, "worker.log"), "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    device = None
     try:
         import deepspeed
         import torch
@@ -313,11 +342,13 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
         deepspeed.init_distributed()
         deepspeed.runtime.utils.set_random_seed(recipe.run.seed)
         model = build_model(recipe)
-        summary = model.parameter_summary()["all"]
-        info = {"params": summary["total"], "trainable": summary["trainable"], "threads": torch.get_num_threads()}
-        data = SyntheticCaptions(n_samples, bench.image_size, recipe.model.prompt, seed=recipe.run.seed)
+        prompt = recipe.model.prompt
+        data = SyntheticCaptions(n_samples, bench.image_size, prompt, seed=recipe.run.seed,
+                                 length_of=lambda t: model.build_inputs([prompt], [t])["input_ids"].shape[1])
+        info = step_info(model, data, recipe.run.batch_size_train)
+        info["threads"] = torch.get_num_threads()
         clock = Clock(conn, info)
-        device = RUNNERS[method](recipe, model, data, clock, out_dir)
+        RUNNERS[method](recipe, model, data, clock, out_dir)
         conn.send(("error", f"{method}: the loop ended before the benchmark did (too few samples)"))
     except Stop:
         import torch
@@ -329,6 +360,9 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
     finally:
         conn.close()
         log.flush()
+        from multiprocessing import util
+
+        util._run_finalizers()  # unlink named semaphores (tqdm's lock) that os._exit would leave behind
         os._exit(0)  # skip interpreter teardown (DeepSpeed/TensorBoard threads): the parent has the results
 
 
@@ -418,11 +452,13 @@ def compare(bench: Bench, rounds: int, steps: int, warmup: int, workdir: str, lo
     for m in METHODS:
         all_times = [t for rd in per_round for t in rd[m]]
         step = statistics.median(all_times)
-        rows[m] = {"step_ms": 1e3 * step, "samples_per_s": bench.batch / step, "peak_mem_gb": peaks[m]}
+        rows[m] = {"step_ms": 1e3 * step, "samples_per_s": bench.batch / step, "peak_mem_gb": peaks[m],
+                   "tflops": info[m]["flops_per_step"] / step / 1e12}
     med = [{m: statistics.median(rd[m]) for m in METHODS} for rd in per_round]
     return {
         "model": bench.name, "description": bench.description, "batch": bench.batch, "precision": bench.precision,
         "deepspeed": bench.deepspeed, "params": info["engine"]["params"], "trainable": info["engine"]["trainable"],
+        "seq_len": info["engine"]["seq_len"], "flops_per_step": info["engine"]["flops_per_step"],
         "rounds": rounds, "steps": steps, "warmup": warmup, "rows": rows,
         # engine / bare step time (goal <= 1.03) and engine / Trainer throughput (goal >= 1.0)
         "engine_vs_bare_step_time": statistics.median(x["engine"] / x["bare"] for x in med),
@@ -432,29 +468,37 @@ def compare(bench: Bench, rounds: int, steps: int, warmup: int, workdir: str, lo
 
 # --------------------------------------------------------------------------- report
 
+INTRO = (
+    "The engine's training loop next to a bare DeepSpeed loop and transformers' Trainer on the same model, data, "
+    "micro batch, precision and DeepSpeed config (`ds_configs/zero2.json` filled from the recipe), one process "
+    "each, interleaved round by round on one machine (the docstring of `bench/train_throughput.py` says what "
+    "each loop does).\n"
+    "Step time is the median time from the start of one step to the start of the next (everything the loop does "
+    "per step); samples/s = micro batch / step time; model TFLOP/s = the step's FLOPs counted as in "
+    "`bench/flops.py` / step time. The ratio on the bare-loop row is engine step time / bare step time (goal: at "
+    "most 1.03x); on the Trainer row, engine samples/s / Trainer samples/s (goal: at least 1.0x). Both are "
+    "medians of per-round ratios.\n"
+    "Beyond the bare loop, the engine's step takes its batch from its DataLoader (per-sample seeded "
+    "augmentation, collate; one save/restore of the caller's RNG per batch) and records the step; every "
+    "`run.log_freq` steps it writes them all (loss averaged over ranks with one all-reduce and read with one "
+    "device-to-host copy for the window, one TensorBoard event and one steps.jsonl line per step), so no step "
+    "waits for the device or for the other ranks. The Trainer reads the loss (its NaN filter) and the "
+    "gradient norm on the host every step."
+)
 
-def table(results: List[Dict[str, Any]], command: str, machine: str, device: str) -> str:
+
+def table(results: List[Dict[str, Any]], command: str, machine: str, device: str, *, title: str = SECTION,
+          intro: str = INTRO, peak_tflops: Optional[float] = None) -> str:
+    """The markdown section: one row per loop and model, the ratios on the rows they belong to."""
     memory = "peak GPU memory allocated (GiB)" if device == "cuda" else "peak RSS of the process (GiB)"
-    lines = [
-        SECTION,
-        "",
-        "The engine's training loop next to a bare DeepSpeed loop and transformers' Trainer on the same model, "
-        "data, micro batch, precision and DeepSpeed config (`ds_configs/zero2.json` filled from the recipe), "
-        "one process each, interleaved round by round on one machine "
-        "(see the docstring of `bench/train_throughput.py` for what each loop does).",
-        "Step time is the median time from the start of one step to the start of the next (everything the loop "
-        "does per step); samples/s = micro batch / step time. The ratio on the bare-loop row is engine step time / "
-        "bare step time (goal: at most 1.03x); on the Trainer row, engine samples/s / Trainer samples/s "
-        "(goal: at least 1.0x). Both are medians of per-round ratios.",
-        "",
-        f"Machine: {machine}.",
-        "",
-        f"| model | loop | step time (ms) | samples/s | {memory} | ratio |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    mfu_head, mfu_rule = (" MFU |", "---:|") if peak_tflops else ("", "")
+    lines = [title, "", intro, "", f"Machine: {machine}.", "",
+             f"| model | loop | step time (ms) | samples/s | model TFLOP/s |{mfu_head} {memory} | ratio |",
+             f"|---|---|---:|---:|---:|{mfu_rule}---:|---|"]
     for res in results:
         rows = res["rows"]
-        model = f"{res['description']}, batch {res['batch']}, {res['precision']}"
+        model = (f"{res['description']}, batch {res['batch']}, {res['precision']}, "
+                 f"{os.path.basename(res['deepspeed'])}; {res['flops_per_step'] / 1e9:,.1f} GFLOP/step")
         for m in METHODS:
             ratio = ""
             if m == "bare":
@@ -462,19 +506,48 @@ def table(results: List[Dict[str, Any]], command: str, machine: str, device: str
             elif m == "trainer":
                 ratio = f"engine/Trainer throughput {res['engine_vs_trainer_throughput']:.2f}x"
             row = rows[m]
+            mfu = f" {100 * row['tflops'] / peak_tflops:.1f}% |" if peak_tflops else ""
             lines.append(f"| {model if m == 'engine' else ''} | {LABELS[m]} | {row['step_ms']:.1f} | "
-                         f"{row['samples_per_s']:.2f} | {row['peak_mem_gb']:.2f} | {ratio} |")
-    r0 = results[0]
-    lines += ["", f"{r0['rounds']} rounds x {r0['steps']} steps per loop after {r0['warmup']} warm-up steps. "
-                  "Reproduce:", "", "```", command, "```", ""]
+                         f"{row['samples_per_s']:.2f} | {row['tflops']:.3g} |{mfu} {row['peak_mem_gb']:.2f} | {ratio} |")
+    runs = "; ".join(f"{r['model']}: {r['rounds']} rounds x {r['steps']} steps per loop after {r['warmup']} "
+                     f"warm-up steps" for r in results)
+    lines += ["", f"{runs}. Reproduce:", "", "```", command, "```", ""]
     return "\n".join(lines)
+
+
+def print_result(res: Dict[str, Any], peak_tflops: Optional[float] = None) -> None:
+    rows = res["rows"]
+    for m in METHODS:
+        mfu = f"  MFU {100 * rows[m]['tflops'] / peak_tflops:.1f}%" if peak_tflops else ""
+        print(f"{res['model']:6s} {LABELS[m]:34s} {rows[m]['step_ms']:9.1f} ms/step {rows[m]['samples_per_s']:8.2f} "
+              f"samples/s {rows[m]['tflops']:8.3g} TFLOP/s{mfu}  peak {rows[m]['peak_mem_gb']:.2f} GiB")
+    print(f"{res['model']:6s} engine/bare step time {res['engine_vs_bare_step_time']:.2f}x, "
+          f"engine/Trainer throughput {res['engine_vs_trainer_throughput']:.2f}x")
+
+
+def machine_line(load_before: Optional[str]) -> Tuple[str, str]:
+    """(description, "cuda" | "cpu")."""
+    import torch
+
+    from report import load_average, machine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    desc = machine(torch.cuda.get_device_name(0) if device == "cuda" else None)
+    load_after = load_average()
+    if load_before and load_after:
+        desc += f"; load average (1/5/15 min) {load_before} before, {load_after} after"
+    return desc, device
+
+
+def command_line(script: str, argv) -> str:
+    return f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--steps", type=int, default=None, help="steps per loop per round (default: tiny 10, small 3)")
+    p.add_argument("--steps", type=int, default=None, help="steps per loop per round (default: tiny 20, small 5)")
     p.add_argument("--warmup", type=int, default=3, help="steps per loop before measuring (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per loop (default: torch's choice). On a shared CPU machine, 1 avoids "
@@ -486,44 +559,30 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.rounds, args.steps, args.warmup = ["tiny"], 1, 2, 1
-    from report import load_average, machine
+    from report import load_average
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
     all_benches = benches(args.smoke)
-    for b in all_benches.values():
-        b.threads = args.threads
-    results = []
     load_before = load_average()
+    results = []
     for name in args.models:
-        steps = args.steps or {"tiny": 10, "small": 3}[name]
-        res = compare(all_benches[name], args.rounds, steps, args.warmup, workdir)
+        bench = all_benches[name]
+        bench.threads = args.threads
+        res = compare(bench, args.rounds, args.steps or {"tiny": 20, "small": 5}[name], args.warmup, workdir)
+        print_result(res)
         results.append(res)
-        rows = res["rows"]
-        for m in METHODS:
-            print(f"{name:6s} {LABELS[m]:34s} {rows[m]['step_ms']:9.1f} ms/step {rows[m]['samples_per_s']:8.2f} "
-                  f"samples/s  peak {rows[m]['peak_mem_gb']:.2f} GiB")
-        print(f"{name:6s} engine/bare step time {res['engine_vs_bare_step_time']:.2f}x, "
-              f"engine/Trainer throughput {res['engine_vs_trainer_throughput']:.2f}x")
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    desc = machine(gpu)
-    load_after = load_average()
-    if load_before and load_after:
-        desc += f"; load average (1/5/15 min) {load_before} before, {load_after} after"
+    desc, device = machine_line(load_before)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": desc, "device": device, "results": results}, f, indent=1)
     if args.write:
         from report import write_section
 
-        command = "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.write, SECTION, table(results, command.strip(), desc, device))
+        write_section(args.write, SECTION, table(results, command_line("bench/train_throughput.py", argv), desc,
+                                                 device))
         print(f"wrote the '{SECTION[3:]}' section of {args.write}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/report.py
     sys.exit(main())

@@ -132,11 +132,19 @@ class RunConfig:
         "sherlock_retrieval: rank within groups of this many samples when records carry no split_idx.", None)
     patience: Optional[int] = doc("Stop after this many evaluations without a better best_metric (null = never).",
                                   None)
-    log_freq: int = doc("Write step metrics to the log file every this many optimizer steps.", 10)
+    log_freq: int = doc("Every this many optimizer steps, write the steps since the last write (steps.jsonl and "
+                        "TensorBoard: one entry per step) and a line to the log file.", 10)
     save_every_steps: int = doc("Also save a checkpoint every this many optimizer steps (0 = epoch ends only).", 0)
     keep_last: int = doc("Keep only this many step/epoch checkpoints (0 = keep all; best is never pruned).", 0)
     max_bad_samples: int = doc("Skip up to this many bad records per dataset split (counted and logged) instead of "
-                               "failing; a dataset's own max_bad_samples takes precedence.", 0)
+                               "failing; a dataset's own max_bad_samples takes precedence. During training, also "
+                               "how many images that turn unreadable a rank replaces (bad_samples.jsonl) before "
+                               "the run stops.", 0)
+    max_bad_steps: int = doc("Stop (after saving the last good state) when this many optimizer steps in a row had a "
+                             "non-finite loss; each such step is skipped and logged to bad_steps.jsonl.", 5)
+    dist_timeout_s: int = doc("Seconds one collective may wait for the other ranks before the run fails (bounds the "
+                              "hang when a rank dies; rank 0's metric computation and the slowest save must fit).",
+                              900)
     train_dataset_ratios: Optional[Dict[str, float]] = doc(
         "With several datasets: dataset name -> share of each training epoch (null = every sample once).", None)
 
@@ -553,6 +561,12 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
         out.append(Problem("run.min_lr", f"{r.min_lr} is above run.init_lr={r.init_lr}; lower it"))
     if r.warmup_steps < 0 or r.num_workers < 0 or r.save_every_steps < 0 or r.keep_last < 0:
         out.append(Problem("run", "warmup_steps, num_workers, save_every_steps and keep_last cannot be negative"))
+    if r.max_bad_steps < 1 or r.dist_timeout_s < 1:
+        out.append(Problem("run", f"max_bad_steps ({r.max_bad_steps}) and dist_timeout_s ({r.dist_timeout_s}) "
+                                  f"must be at least 1"))
+    if not r.evaluate and len(r.train_splits) != 1:
+        out.append(Problem("run.train_splits", f"{r.train_splits}: a run trains on exactly one split; to train on "
+                                               f"several sources, list several datasets (and run.train_dataset_ratios)"))
     if len(r.adam_betas) != 2:
         out.append(Problem("run.adam_betas", f"{r.adam_betas} should hold two numbers, e.g. [0.9, 0.999]"))
     if r.task not in TASKS:

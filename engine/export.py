@@ -216,10 +216,12 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, Any]:
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from engine.trainer.checkpoint import weights_only_loads
+
     root, tag = os.path.split(os.path.realpath(ckpt_dir))
     try:
         # zero_to_fp32 reports progress with print(); keep stdout for the tools' results.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True)
     except Exception as e:  # noqa: BLE001 - every failure here means an unreadable checkpoint; say where
         files = ", ".join(sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt"))) or "no .pt files"

@@ -9,10 +9,13 @@ Reads top to bottom: config -> model -> data -> deepspeed.initialize -> loop -> 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
 import sys
+import traceback
+from datetime import timedelta
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher does this): import the package, not sibling files.
@@ -96,16 +99,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
     from engine.data.errors import DatasetError
-    from engine.trainer.checkpoint import CheckpointSaveError
+    from engine.trainer.checkpoint import CheckpointSaveError, UnsafeFileError
+    from engine.trainer.faults import RunStopped
 
     try:
         return run(args)
-    except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError) as e:
+    except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError, UnsafeFileError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _exit_now(2)
     except CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _exit_now(3)
+    except RunStopped as e:  # interrupted, or a fault limit reached: a checkpoint was saved first
+        print(f"stopped: {e}", file=sys.stderr)
+        return _exit_now(e.code)
+    except Exception:
+        # Any other failure: show it, then leave at once. With several ranks the others may be waiting in a
+        # collective; a normal exit would run destructors that wait for them too. The launcher stops the
+        # other ranks when this one exits non-zero; without it they fail at run.dist_timeout_s.
+        rank = os.environ.get("RANK", "0")
+        print(f"error on rank {rank}:\n{traceback.format_exc()}", file=sys.stderr)
+        return _exit_now(1)
+
+
+def _exit_now(code: int) -> int:
+    """In a multi-rank run exit without running destructors (they may wait in a collective forever)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def run(args) -> int:
@@ -140,7 +164,9 @@ def run(args) -> int:
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
     except QuantizationError as e:
         raise UsageError(str(e)) from None
-    deepspeed.init_distributed()  # gloo on CPU, nccl on GPU; rendezvous from the launcher's env
+    # gloo on CPU, nccl on GPU; rendezvous from the launcher's env. The timeout bounds every collective, so a
+    # rank that dies without the launcher noticing fails the others instead of leaving them waiting forever.
+    deepspeed.init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)
         save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
@@ -163,7 +189,12 @@ def run(args) -> int:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
-    model = build_model(recipe)
+    from engine.models.blip2 import CheckpointMismatchError
+
+    try:
+        model = build_model(recipe)
+    except CheckpointMismatchError as e:
+        raise UsageError(str(e)) from None
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
 

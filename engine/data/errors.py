@@ -38,6 +38,14 @@ class DatasetError(ValueError):
     """
 
 
+class ImageReadError(DatasetError):
+    """An image that passed the dataset check cannot be read now (the file changed during the run)."""
+
+    def __init__(self, message: str, *, sample_id: Any, path: str):
+        super().__init__(message)
+        self.sample_id, self.path = sample_id, path
+
+
 @dataclass
 class BadRecord:
     """One record with one or more problems: ``where`` is e.g. ``record 3`` or ``line 4``."""

@@ -12,7 +12,12 @@ returns a callable. The image processors are called as
   for this call (Sherlock turns flips off because its texts say left/right).
 
 The transforms and their defaults follow LAVIS's ``blip_processors.py``;
-RandAugment comes from timm with LAVIS's op pool and strengths.
+RandAugment comes from timm with LAVIS's op pool and strengths. Two things
+differ from LAVIS for speed, not for results: crop + resize runs on uint8
+tensors with torch's antialiased bicubic kernel (PIL's bicubic within one grey
+level), and ``normalize=False`` hands back ``uint8`` images for normalisation on
+the device. ``draft_factor`` tells a dataset how far a JPEG may be decoded at
+reduced size (see ``RecordDataset.load_shown_image``).
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from engine.registry import close_matches
 
-from .errors import BadRecord, DatasetError, settle_bad_records
+from ..trainer.faults import fault
+from .errors import BadRecord, DatasetError, ImageReadError, settle_bad_records
 from .processors import BlipCaptionProcessor, ImageProcessor
 from .region import REGION_MODES, Box, region_frame, render_region, to_box
 
@@ -287,10 +288,10 @@ class RecordDataset(Dataset):
         return {a["sample_id"]: a["references"] for a in map(self.annotation, range(len(self)))}
 
     def _image_error(self, it, e: Exception) -> DatasetError:
-        return DatasetError(
+        return ImageReadError(
             f"cannot read image {it.path} of {self.unit} {it.index} ({self.id_name} {it.sample_id}) in "
             f"{self.ann_file}: {e}. Fix: download the image again; tools/check_dataset.py lists every "
-            f"unreadable image.")
+            f"unreadable image.", sample_id=it.sample_id, path=it.path)
 
     def load_image(self, index: int) -> Image.Image:
         """The item's image, fully decoded, RGB."""
@@ -317,6 +318,9 @@ class RecordDataset(Dataset):
         """
         it = self.items[index]
         boxes = list(it.boxes)
+        if fault("corrupt_image") == str(it.sample_id) and os.path.getsize(it.path) > 64:
+            with open(it.path, "r+b") as f:  # test hook: the file goes bad after the dataset check
+                f.truncate(64)
         try:
             with Image.open(it.path) as im:
                 W, H = im.size

@@ -40,6 +40,10 @@ from .zoo import ZOO_OPT, ZOO_T5, ZOO_T5_INSTRUCT, ZOO_VICUNA_INSTRUCT, ZooEntry
 IGNORE_INDEX = -100  # label value transformers' losses skip
 
 
+class CheckpointMismatchError(ValueError):
+    """model.pretrained holds a checkpoint of another architecture than model.arch."""
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """The checkpoint folder a model needs is not there."""
 
@@ -341,7 +345,7 @@ def _check_checkpoint(arch: str, model_type: str, entry: ZooEntry, path: Optiona
     want = InstructBlipConfig.model_type if spec.instruct else Blip2Config.model_type
     text_type = (cfg.get("text_config") or {}).get("model_type")
     if cfg.get("model_type") != want or text_type != spec.family:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{path} holds a '{cfg.get('model_type')}' model with a '{text_type}' language model, but {arch} "
             f"needs '{want}' with '{spec.family}' (expected a copy of {entry.hf_name or 'a tiny ' + arch}); "
             f"check model.arch and model.pretrained"

@@ -13,9 +13,11 @@ ranks passed a barrier, so a crash mid-save leaves the previous one in charge.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import Any, Dict, List, Optional
@@ -68,6 +70,36 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
+
+
+class UnsafeFileError(ValueError):
+    """A file the engine reads holds a pickle with arbitrary objects (code would run): refused, exit code 2."""
+
+
+# The few DeepSpeed classes its optimizer-state files hold (loss scaler, ZeRO stage, fragment addresses):
+# plain records, allowed by name so the rest of a checkpoint still loads with ``weights_only=True``.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location="cpu"):
+    """``torch.load`` that only accepts tensors and plain containers; anything else is refused, not run."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(_unsafe_message(path, e)) from None
+
+
+def _unsafe_message(path, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"{path} holds objects other than tensors and plain data, so it was not loaded (unpickling it "
+            f"could run code). If you made this file and trust it, re-save it as plain tensors; otherwise "
+            f"delete it. ({first})")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -136,6 +168,26 @@ def latest_tag(root: str) -> Optional[str]:
     return tag if tag and is_complete(os.path.join(root, tag)) else None
 
 
+@contextlib.contextmanager
+def weights_only_loads():
+    """DeepSpeed reads checkpoint files with a full unpickler (``weights_only=False``); inside this block every
+    ``torch.load`` is ours instead, so a checkpoint that carries code is refused rather than run."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, weights_only=None, mmap=None, **kwargs):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return original(f, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            raise UnsafeFileError(_unsafe_message(f, e)) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def load(engine, ckpt_dir: str, module_only: bool = False) -> Dict[str, Any]:
     """Restore model, optimizer, LR schedule and this rank's RNG (or only the model); return the engine state."""
     ckpt_dir = os.path.abspath(ckpt_dir)
@@ -145,13 +197,15 @@ def load(engine, ckpt_dir: str, module_only: bool = False) -> Dict[str, Any]:
             f"interrupted or the folder is something else); resume from checkpoints/latest instead"
         )
     root, tag = os.path.split(ckpt_dir)
-    path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
-                                     load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+    with weights_only_loads():
+        path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
+                                         load_optimizer_states=not module_only,
+                                         load_lr_scheduler_states=not module_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_file = os.path.join(ckpt_dir, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file) and not module_only:
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_torch_load(rng_file))
     with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
         return json.load(f)
 

@@ -189,6 +189,7 @@ class Trainer:
         now = time.perf_counter()
         rate = sum(p["samples"] for p in pending) * self.world / max(now - since, 1e-9)
         peak = _peak_mem_gb(self.device)
+        rows = []
         for p, loss in zip(pending, losses):
             norm = p["grad_norm"]
             values = {
@@ -199,7 +200,8 @@ class Trainer:
                 "peak_mem_gb": peak,
                 "epoch": p["epoch"],
             }
-            self.log.step(p["step"], values)
+            rows.append((p["step"], values))
+        self.log.steps(rows)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         logger.info("step %d epoch %.2f loss %.4f lr %.3e grad_norm %.3f %.1f samples/s", pending[-1]["step"],
                     values["epoch"], values["loss"], values["lr"], values["grad_norm"], rate)

@@ -14,6 +14,8 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
+from engine.data.errors import ImageReadError
+
 
 class SeededSampler(torch.utils.data.Sampler):
     """Wraps an index sampler; yields ``(index, sample_seed)``."""
@@ -32,24 +34,65 @@ class SeededSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-class SeededDataset(torch.utils.data.Dataset):
-    """Reads ``(index, seed)`` keys: seeds python/numpy/torch for this sample, then restores the caller's RNG."""
+_MAX_REPLACEMENTS = 64  # consecutive unreadable images before a batch gives up
 
-    def __init__(self, dataset):
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Reads ``(index, seed)`` keys: seeds python/numpy/torch for this sample, then restores the caller's RNG.
+
+    Only the CPU generators are seeded (augmentation runs on the CPU): ``torch.manual_seed`` would also
+    re-seed every CUDA device, which costs more than the rest of this together and is not ours to touch.
+    In a DataLoader worker the generators serve nothing but the samples, so they are not restored there;
+    in the main process (``num_workers: 0``) they are, once per batch, so training draws the same numbers
+    either way.
+    """
+
+    def __init__(self, dataset, replace_unreadable: bool = False):
         self.dataset = dataset
+        # Training: an image that became unreadable after the dataset check is replaced by the next readable
+        # sample (same seed, so the result is deterministic) and reported under the sample's "replaced" key.
+        self.replace_unreadable = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        idx, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        """A whole batch (the DataLoader's fetcher calls this when it exists): the caller's state is
+        saved and restored once per batch, not per sample."""
+        if torch.utils.data.get_worker_info() is not None:
+            return [self._load(idx, seed) for idx, seed in keys]
+        py, npy, pt = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            return [self._load(idx, seed) for idx, seed in keys]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.default_generator.set_state(pt)
+
+    def _load(self, idx: int, seed: int):
+        if not self.replace_unreadable:
+            return self._seeded(idx, seed)
+        replaced = []
+        n = len(self.dataset)
+        for j in range(idx, idx + min(n, _MAX_REPLACEMENTS)):
             try:
-                return self.dataset[idx]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
+                sample = self._seeded(j % n, seed)
+            except ImageReadError as e:
+                replaced.append({"sample_id": e.sample_id, "path": e.path, "error": str(e)})
+                continue
+            for r in replaced:
+                r["replaced_by"] = sample.get("sample_id")
+            sample["replaced"] = replaced
+            return sample
+        raise ImageReadError(f"{len(replaced)} images in a row cannot be read, from {replaced[0]['path']} on; "
+                             f"the dataset changed under the run: check its storage",
+                             sample_id=replaced[0]["sample_id"], path=replaced[0]["path"])
+
+    def _seeded(self, idx: int, seed: int):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[idx]
