@@ -6,12 +6,14 @@ ZeRO-3 and their offload variants, on one process or many, CPU or GPU.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
+import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,7 @@ from engine.build import build_task
 from engine.export import save_lora_adapter
 from engine.tasks import write_predictions
 from engine.trainer import checkpoint
+from engine.trainer.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
 from engine.trainer.seeding import SeededDataset, SeededSampler
@@ -62,6 +65,12 @@ def lr_scheduler_factory(recipe: Recipe, total_steps: int, steps_per_epoch: int)
     return lambda optimizer: StepLR(optimizer, fn)
 
 
+def _ignore_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the training process, which saves before it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _peak_mem_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -93,6 +102,17 @@ class Trainer:
         self.best_score: Optional[float] = None
         self.best_tag: Optional[str] = None
         self.evals_without_improvement = 0
+        # Faults (docs/reliability.md).
+        self.bad_steps_in_row = 0
+        self.bad_samples = 0  # unreadable images this rank replaced during training
+        self._signals = 0
+        self._stop_reason: Optional[str] = None
+        self._nan_injected = False
+        self._previous_handlers: Dict[int, Any] = {}
+        # The per-micro-batch vote (_vote) is a CPU tensor: on GPU runs it goes over a gloo group.
+        self._vote_group = None
+        if world_size > 1 and dist.get_backend() != "gloo":
+            self._vote_group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ data
     def train_loader(self, epoch: int, start_micro: int):
@@ -112,9 +132,10 @@ class Trainer:
     def _loader(self, ds, sampler, epoch: int):
         """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py."""
         return torch.utils.data.DataLoader(
-            SeededDataset(ds), batch_size=self.run.batch_size_train,
+            SeededDataset(ds, replace_unreadable=True), batch_size=self.run.batch_size_train,
             sampler=SeededSampler(sampler, self.run.seed, epoch), collate_fn=collate,
             num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
+            worker_init_fn=_ignore_signals,
         )
 
     def eval_loader(self, split: str):
@@ -122,13 +143,15 @@ class Trainer:
         n = len(ds) if self.run.max_eval_samples is None else min(len(ds), self.run.max_eval_samples)
         sampler = ExactDistributedSampler(n, self.world, self.rank, shuffle=False)
         return torch.utils.data.DataLoader(ds, batch_size=self.run.batch_size_eval, sampler=sampler,
-                                           collate_fn=collate, num_workers=self.run.num_workers)
+                                           collate_fn=collate, num_workers=self.run.num_workers,
+                                           worker_init_fn=_ignore_signals)
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Any]:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                 "best_score": self.best_score, "best_tag": self.best_tag,
                 "evals_without_improvement": self.evals_without_improvement, "world_size": self.world,
+                "bad_samples": self.bad_samples,
                 "recipe": self.recipe.to_dict()}
 
     def resume(self, ckpt_dir: str) -> None:
@@ -139,6 +162,7 @@ class Trainer:
         self.global_step, self.epoch, self.micro_in_epoch = st["global_step"], st["epoch"], st["micro_in_epoch"]
         self.best_score, self.best_tag = st.get("best_score"), st.get("best_tag")
         self.evals_without_improvement = st.get("evals_without_improvement", 0)
+        self.bad_samples = st.get("bad_samples", 0)
         if self.micro_in_epoch >= self.micro_per_epoch:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
         logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", ckpt_dir, self.global_step,
@@ -161,15 +185,107 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ train
-    def train_step(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """One micro-batch: forward, backward, and DeepSpeed's step (which updates the weights only at
-        the accumulation boundary). The loss stays on the device: reading it here would make the
-        host wait for the device every step (see ``_flush``)."""
+    def train_step(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, bool]:
+        """One micro-batch: forward, the ranks' vote on it (``_vote``), backward, and DeepSpeed's step
+        (which updates the weights only at the accumulation boundary). Returns the loss, still on the
+        device (its value is read in ``_flush``), and whether the micro-batch was skipped because a rank's
+        loss was not finite."""
+        self._inject_raise()
         image = batch["image"].to(self.device, non_blocking=True)
-        loss = self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"])
+        loss = self._inject_nan(self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"]))
+        if self._vote(loss):
+            if self.run.accum_grad_iters > 1:
+                # Skipping backward and step here would shift DeepSpeed's accumulation boundary by one
+                # micro-batch; a backward of zero through every trained weight keeps it, and ZeRO's gradient
+                # hooks fire as usual (this micro-batch adds a zero gradient).
+                zero = sum((p * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
+                self.engine.backward(zero)
+                self.engine.step()
+            return loss.detach(), True
         self.engine.backward(loss)
         self.engine.step()
-        return loss.detach()
+        return loss.detach(), False
+
+    # ------------------------------------------------------------------ faults
+    def _vote(self, loss: torch.Tensor) -> bool:
+        """Once per micro-batch every rank learns whether any rank saw a non-finite loss (then all skip it),
+        received SIGINT/SIGTERM or replaced more unreadable images than allowed (then all stop at the same
+        optimizer step). One host read of the loss's finiteness and one tiny all-reduce on the CPU."""
+        flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, float(self._signals > 0),
+                              float(self.bad_samples > self.run.max_bad_samples)])
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._vote_group)
+        nonfinite, interrupted, too_many = (bool(x) for x in flags.tolist())
+        if self._stop_reason is None and interrupted:
+            self._stop_reason = "interrupted"
+        elif self._stop_reason is None and too_many:
+            self._stop_reason = "bad_samples"
+        return nonfinite
+
+    def _inject_raise(self) -> None:
+        if fault("raise_at_step") == f"{self.rank}:{self.global_step + 1}":
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.global_step + 1}")
+
+    def _inject_nan(self, loss: torch.Tensor) -> torch.Tensor:
+        step = self.global_step + 1
+        once, since = fault("nan_loss_at_step"), fault("nan_loss_from_step")
+        if (once is not None and int(once) == step and not self._nan_injected) or \
+                (since is not None and step >= int(since)):
+            self._nan_injected = True
+            return loss * float("nan")
+        return loss
+
+    def _note_bad_step(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
+        entry = {"step": self.global_step + 1, "epoch": self.epoch, "rank": self.rank, "loss": str(float(loss)),
+                 "sample_ids": [str(i) for i in batch.get("sample_id", [])]}
+        with open(os.path.join(self.output_dir, "bad_steps.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.rank == 0:
+            logger.warning("step %d skipped: non-finite loss on some rank (%d in a row; run.max_bad_steps=%d); "
+                           "batch listed in bad_steps.jsonl", self.global_step + 1, self.bad_steps_in_row + 1,
+                           self.run.max_bad_steps)
+
+    def _note_replaced(self, batch: Dict[str, Any]) -> None:
+        """Images that became unreadable after the dataset check were replaced (seeding.py): record them."""
+        replaced = [r for rs in batch.pop("replaced", None) or [] for r in rs]
+        if not replaced:
+            return
+        self.bad_samples += len(replaced)
+        with open(os.path.join(self.output_dir, "bad_samples.jsonl"), "a", encoding="utf-8") as f:
+            for r in replaced:
+                f.write(json.dumps({**r, "epoch": self.epoch, "step": self.global_step + 1, "rank": self.rank}) + "\n")
+        for r in replaced:
+            logger.warning("rank %d: %s; replaced by sample %s (%d replaced, run.max_bad_samples=%d)", self.rank,
+                           r["error"], r["replaced_by"], self.bad_samples, self.run.max_bad_samples)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            sys.stderr.write(f"\n{name} again: exiting now, without saving\n")
+            sys.stderr.flush()
+            os._exit(130)
+        sys.stderr.write(f"\n{name}: saving a checkpoint after this optimizer step, then exiting "
+                         f"(send it again to exit at once)\n")
+        sys.stderr.flush()
+
+    def _stop(self, saved: Optional[str]) -> None:
+        """Save (unless this step was just saved) and leave the run with the reason's exit code."""
+        path = saved or self.save(f"step{self.global_step}")
+        out = self.output_dir
+        if self._stop_reason == "interrupted":
+            raise RunStopped(f"interrupted by a signal; saved {path} (step {self.global_step}); "
+                             f"continue with --resume", RunStopped.INTERRUPTED)
+        if self._stop_reason == "bad_steps":
+            raise RunStopped(
+                f"{self.bad_steps_in_row} optimizer steps in a row had a non-finite loss (run.max_bad_steps="
+                f"{self.run.max_bad_steps}); the last good state is saved in {path}; the batches are listed in "
+                f"{os.path.join(out, 'bad_steps.jsonl')}. Lower run.init_lr (or use fp32/bf16) or fix the data, "
+                f"then --resume", RunStopped.FAULT_LIMIT)
+        raise RunStopped(
+            f"more than run.max_bad_samples={self.run.max_bad_samples} images could not be read during training "
+            f"(listed in {os.path.join(out, 'bad_samples.jsonl')}); saved {path}. Restore the images "
+            f"(tools/check_dataset.py) or raise run.max_bad_samples, then --resume", RunStopped.FAULT_LIMIT)
 
     def _flush(self, pending: List[Dict[str, Any]], since: float, bar) -> float:
         """Write the optimizer steps in ``pending`` (one steps.jsonl line and TensorBoard point each).
@@ -220,38 +336,68 @@ class Trainer:
         window_loss, window_n, samples = None, 0, 0
         since = time.perf_counter()
         stop = False
+        good_n = 0  # micro-batches of the window with a finite loss
+        window_bad = False
+        for sig in (signal.SIGINT, signal.SIGTERM):  # restored in close()
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         while self.epoch < r.max_epoch and not stop:
             self.model.train()
             loader = self.train_loader(self.epoch, self.micro_in_epoch)
             for batch in loader:
                 if self.micro_in_epoch >= self.micro_per_epoch:
                     break  # every rank stops after the same number of micro-batches
-                loss = self.train_step(batch).double()
-                window_loss = loss if window_loss is None else window_loss + loss
+                self._note_replaced(batch)
+                loss, skipped = self.train_step(batch)
+                if skipped:
+                    self._note_bad_step(batch, loss)
+                    window_bad = True
+                else:
+                    loss = loss.double()
+                    window_loss = loss if window_loss is None else window_loss + loss
+                    good_n += 1
                 window_n += 1
                 samples += len(batch["prompt"])
                 self.micro_in_epoch += 1
                 if window_n < r.accum_grad_iters:
                     continue  # DeepSpeed only stepped the optimizer at the accumulation boundary
+                if good_n == 0 and r.accum_grad_iters == 1:
+                    # Skipped: no optimizer step happened, so the next batch becomes this step.
+                    self.bad_steps_in_row += 1
+                    window_loss, window_n, good_n, window_bad, samples = None, 0, 0, False, 0
+                    if self.bad_steps_in_row >= r.max_bad_steps and self._stop_reason is None:
+                        self._stop_reason = "bad_steps"
+                    if self._stop_reason is not None:
+                        since = self._flush(pending, since, bar)
+                        self._stop(None)
+                    continue
+                self.bad_steps_in_row = self.bad_steps_in_row + 1 if window_bad else 0
                 self.global_step += 1
+                if good_n == 0:  # every micro-batch of the window was skipped: the step logs NaN
+                    window_loss, good_n = torch.full((), float("nan"), dtype=torch.float64, device=self.device), 1
                 pending.append({
                     "step": self.global_step,
-                    "loss": window_loss / window_n,  # still on the device
+                    "loss": window_loss / good_n,  # still on the device
                     "lr": self.engine.get_lr()[0],
                     # A fresh tensor (or float) per step from DeepSpeed; read at the flush.
                     "grad_norm": self.engine.get_global_grad_norm(),
                     "samples": samples,
                     "epoch": self.epoch + self.micro_in_epoch / self.micro_per_epoch,
                 })
-                window_loss, window_n, samples = None, 0, 0
+                window_loss, window_n, good_n, window_bad, samples = None, 0, 0, False, 0
                 bar.update(1)
                 save = bool(r.save_every_steps) and self.global_step % r.save_every_steps == 0
                 stop = r.max_steps is not None and self.global_step >= r.max_steps
                 if save or stop or self.global_step % r.log_freq == 0 or self.global_step == 1:
                     since = self._flush(pending, since, bar)
+                saved = None
                 if save:
-                    self.save(f"step{self.global_step}")
+                    saved = self.save(f"step{self.global_step}")
                     since = time.perf_counter()  # the save's time is not training throughput
+                if self.bad_steps_in_row >= r.max_bad_steps and self._stop_reason is None:
+                    self._stop_reason = "bad_steps"
+                if self._stop_reason is not None:
+                    since = self._flush(pending, since, bar)
+                    self._stop(saved)
                 if stop:
                     break
             since = self._flush(pending, since, bar)  # the epoch's last steps, before its checkpoint
@@ -315,6 +461,9 @@ class Trainer:
             self.evaluate_split(split, "best" if checkpoint.is_complete(best) else "last")
 
     def close(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
         self.log.close()
 
 

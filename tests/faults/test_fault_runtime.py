@@ -44,6 +44,16 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
     assert state["global_step"] == 2 and state["micro_in_epoch"] == 4  # the weights of the last good step
 
 
+def test_nan_loss_with_accumulation_keeps_the_step_boundary(tmp_path):
+    proc = run_train(opts(tmp_path, "run", "run.accum_grad_iters=2", "run.max_steps=3"),
+                     env_extra={"ENGINE_FAULT": "nan_loss_at_step:2"})
+    assert proc.returncode == 0
+    assert [b["step"] for b in read_jsonl(tmp_path / "run" / "bad_steps.jsonl")] == [2]
+    losses = losses_by_step(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert engine_state(tmp_path / "run")[1]["micro_in_epoch"] == 6  # 3 steps x 2 micro-batches, none extra
+
+
 def corrupt(index):
     return {"ENGINE_FAULT": f"corrupt_image:{hashlib.md5(f'tiny-sherlock-{index}'.encode()).hexdigest()}"}
 
