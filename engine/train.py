@@ -158,7 +158,8 @@ def run(args) -> int:
     from engine.deepspeed_config import fill_ds_config, zero_stage
     from engine.models.quant import QuantizationError, check_quantization
     from engine.trainer.logs import logger, setup_logging
-    from engine.trainer.loop import Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups
+    from engine.trainer.loop import (Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups,
+                                     total_optimizer_steps)
 
     try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
@@ -213,7 +214,7 @@ def run(args) -> int:
 
     # 4. DeepSpeed.
     steps_per_epoch = micro // r.accum_grad_iters
-    total = steps_per_epoch * r.max_epoch if r.max_steps is None else min(r.max_steps, steps_per_epoch * r.max_epoch)
+    total = total_optimizer_steps(micro, r)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
         lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),

@@ -415,10 +415,7 @@ class Trainer:
             self.test()
 
     def total_steps(self) -> int:
-        r = self.run
-        per_epoch = self.micro_per_epoch // r.accum_grad_iters
-        total = per_epoch * r.max_epoch
-        return min(total, r.max_steps) if r.max_steps is not None else total
+        return total_optimizer_steps(self.micro_per_epoch, self.run)
 
     # ------------------------------------------------------------------ eval
     def evaluate_split(self, split: str, tag: str) -> Optional[Dict[str, float]]:
@@ -465,6 +462,12 @@ class Trainer:
             signal.signal(sig, handler)
         self._previous_handlers.clear()
         self.log.close()
+
+
+def total_optimizer_steps(micro_per_epoch: int, run) -> int:
+    """Optimizer steps of the whole run: every epoch, or fewer when run.max_steps stops it earlier."""
+    total = micro_per_epoch // run.accum_grad_iters * run.max_epoch
+    return min(total, run.max_steps) if run.max_steps is not None else total
 
 
 def micro_batches_per_epoch(num_samples: int, world: int, batch_size: int, accum: int) -> int:
