@@ -96,6 +96,19 @@ def build_split(recipe: Recipe, split: str, is_train: bool):
     return MixedDataset(parts, ratios=ratios)
 
 
+def prepare_datasets(recipe: Recipe) -> None:
+    """Make what a dataset generates or caches on first use (e.g. the synthetic Sherlock).
+
+    The trainer calls this on global rank 0 while the other ranks wait, then every rank builds its
+    datasets: on storage shared by all nodes the data is made once; on a node's own disk the first rank
+    of each node that misses it makes it (under a file lock) when it builds the dataset.
+    """
+    for name, spec in recipe.datasets.items():
+        prepare = DATASETS.get(name).meta.get("prepare")
+        if prepare is not None:
+            prepare(**dataclasses.asdict(spec.options))
+
+
 def build_datasets(recipe: Recipe) -> Dict[str, object]:
     r = recipe.run
     out = {}

@@ -114,9 +114,14 @@ def check_ds_config(recipe: Recipe, check_files: bool = True) -> List[Problem]:
     return out
 
 
-def fill_ds_config(recipe: Recipe, world_size: int, on_cpu: bool) -> Dict[str, Any]:
-    """Return the DeepSpeed config dict with every "auto" field filled from the recipe."""
+def fill_ds_config(recipe: Recipe, world_size: int, on_cpu: bool, load_universal: bool = False) -> Dict[str, Any]:
+    """Return the DeepSpeed config dict with every "auto" field filled from the recipe.
+
+    ``load_universal``: the run resumes from a checkpoint in DeepSpeed's universal format (another number
+    of ranks or ZeRO stage than the run that saved it: engine/trainer/reshape.py)."""
     ds = copy.deepcopy(load_ds_config(recipe.run.deepspeed))
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     r = recipe.run
     if r.precision == "fp16" and on_cpu:
         raise ValueError("run.precision: 'fp16' needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")

@@ -143,7 +143,7 @@ def run(args) -> int:
     if resume_from:
         from engine.trainer.resume import check_resume
 
-        problems, resume_notes = check_resume(resume_from, recipe)
+        problems, resume_notes = check_resume(resume_from, recipe, world)
         if r.evaluate:  # evaluation only needs the same model
             problems = [p for p in problems if "cannot change" in p.message]
         if problems:
@@ -153,11 +153,13 @@ def run(args) -> int:
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from engine.build import build_datasets, build_model
+    from engine.build import build_datasets, build_model, prepare_datasets
     from engine.config import save_resolved
     from engine.deepspeed_config import fill_ds_config, zero_stage
     from engine.models.quant import QuantizationError, check_quantization
     from engine.trainer.logs import logger, setup_logging
+    from engine.trainer.reshape import needs_universal, prepare_universal, saved_layout
+    from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir
     from engine.trainer.loop import (Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups,
                                      total_optimizer_steps)
 
@@ -168,11 +170,16 @@ def run(args) -> int:
     # gloo on CPU, nccl on GPU; rendezvous from the launcher's env. The timeout bounds every collective, so a
     # rank that dies without the launcher noticing fails the others instead of leaving them waiting forever.
     deepspeed.init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
+    topo = Topology.from_env()
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)
         save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
     torch.distributed.barrier()
-    setup_logging(r.output_dir, rank)
+    setup_logging(r.output_dir, rank, topo.tag())
+    try:  # several nodes: every rank must see the files rank 0 writes (checkpoints are read by all ranks)
+        check_shared_output_dir(r.output_dir, topo)
+    except SharedStorageError as e:
+        raise UsageError(str(e)) from None
     for note in resume_notes:
         logger.info("recipe differs from the checkpoint (allowed): %s", note)
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -180,13 +187,28 @@ def run(args) -> int:
         ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    logger.info("recipe %s, %d rank(s), ZeRO stage %d, %s, device %s", args.recipe, world, zero_stage(ds_config),
+    logger.info("recipe %s, %s, ZeRO stage %d, %s, device %s", args.recipe, topo.describe(), zero_stage(ds_config),
                 r.precision, get_accelerator().device_name())
+    universal = None
+    if resume_from and not r.evaluate:
+        layout = saved_layout(resume_from)
+        if needs_universal(layout, world, zero_stage(ds_config)):
+            # Another number of ranks or ZeRO stage: DeepSpeed re-shards the state from its universal form.
+            logger.info("resuming %s, saved by %d rank(s) under ZeRO stage %s, on %d rank(s) under ZeRO stage %d: "
+                        "through DeepSpeed's universal checkpoint format", resume_from, layout.world_size,
+                        layout.zero_stage, world, zero_stage(ds_config))
+            # The conversion of a large checkpoint can outlast run.dist_timeout_s: the others wait on a group
+            # with a long timeout.
+            wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))
+            universal = prepare_universal(resume_from, rank, wait_group=wait)
+            ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu, load_universal=True)
     deepspeed.runtime.utils.set_random_seed(r.seed)
 
     # 2. Model. Under ZeRO-3 transformers partitions weights while they load (HfDeepSpeedConfig must stay alive).
+    # A tiny random-init model is built whole on every rank instead, and partitioned by deepspeed.initialize:
+    # the same seeded weights as under ZeRO-2, so a run can move between stages.
     hf_ds = None
-    if zero_stage(ds_config) == 3:
+    if zero_stage(ds_config) == 3 and not (recipe.model.model_type == "tiny" and recipe.model.pretrained is None):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
@@ -201,6 +223,9 @@ def run(args) -> int:
 
     # 3. Data. Augmentation randomness differs per rank; model init above did not.
     torch.manual_seed(r.seed + rank)
+    if rank == 0:
+        prepare_datasets(recipe)
+    torch.distributed.barrier()
     datasets = build_datasets(recipe)
     if r.evaluate:
         micro = 1
@@ -231,7 +256,7 @@ def run(args) -> int:
                 trainer.evaluate_split(split, "eval")
         else:
             if resume_from:
-                trainer.resume(resume_from)
+                trainer.resume(resume_from, universal=universal)
             trainer.fit()
     finally:
         trainer.close()

@@ -391,3 +391,31 @@ def test_sampler_even_mode_deterministic_and_resumable():
     with pytest.raises(ValueError, match="num_replicas"):
         ExactDistributedSampler(n, 2, 0, seed=1, even=True).load_state_dict(state)
     assert list(ExactDistributedSampler(5, 2, 1, shuffle=False)) == [1, 3]
+
+
+def _steps(n, world, batch, accum, epoch=0):
+    """The optimizer steps of one epoch as lists of micro-batches (sample indices), over all ranks."""
+    ranks = []
+    for r in range(world):
+        s = ExactDistributedSampler(n, world, r, seed=3, even=True, chunk=batch)
+        s.set_epoch(epoch)
+        order = list(s)
+        ranks.append([order[i:i + batch] for i in range(0, len(order), batch)])
+    steps = len(ranks[0]) // accum
+    return [sorted(tuple(ranks[r][k]) for k in range(s * accum, (s + 1) * accum) for r in range(world))
+            for s in range(steps)]
+
+
+@pytest.mark.parametrize("n", [96, 101])
+def test_training_steps_do_not_depend_on_the_number_of_ranks(n):
+    # The same global batch (batch x ranks x accum = 16) gives the same micro-batches in every optimizer
+    # step on 1, 2 or 4 ranks: a run can resume on another number of GPUs and continue the same training.
+    one = _steps(n, 1, 4, 4, epoch=1)
+    assert len(one) == n // 16
+    assert _steps(n, 2, 4, 2, epoch=1) == one
+    assert _steps(n, 4, 4, 1, epoch=1) == one
+    assert _steps(n, 2, 4, 2, epoch=2) != one
+    # chunks of a micro-batch, dealt round-robin: rank 1 of 2 takes positions 2-3, 6-7, ...
+    assert list(ExactDistributedSampler(9, 2, 1, shuffle=False, even=True, chunk=2)) == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match="chunk"):
+        ExactDistributedSampler(9, 2, 1, chunk=2)

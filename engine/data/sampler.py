@@ -9,11 +9,19 @@ sampler never repeats an index. Contract, for ``N`` samples and ``R`` ranks:
   and every run. Rank ``r`` takes positions ``r, r + R, r + 2R, ...`` of it.
 * ``even=False`` (evaluation): all ``N`` indices, each exactly once; ranks get
   ``ceil(N / R)`` or ``floor(N / R)`` indices, so they may differ by one.
-* ``even=True`` (training): every rank gets ``floor(N / R)`` indices, no index
-  twice; the at most ``R - 1`` positions at the end of the epoch order are left
-  out (other samples each epoch when shuffling). All ranks then make the same
-  number of batches, which DeepSpeed needs: every rank must take part in every
-  step's collectives. ``num_batches`` gives that count.
+* ``even=True`` (training): the epoch order is cut into chunks of ``chunk``
+  positions (the micro-batch size) and the chunks are dealt round-robin: rank
+  ``r`` takes chunks ``r, r + R, ...`` of the first ``floor(N / (chunk R))``.
+  Every rank gets the same count, no index twice; the at most ``chunk R - 1``
+  positions at the end are left out (other samples each epoch when shuffling).
+  All ranks then make the same number of batches, which DeepSpeed needs: every
+  rank must take part in every step's collectives. ``num_batches`` gives that
+  count. Micro-batch ``k`` of rank ``r`` is chunk ``k R + r``, so the micro-
+  batches are the same chunks whatever ``R``: with ``accum`` micro-batches per
+  optimizer step, step ``s`` trains on chunks ``[s accum R, (s + 1) accum R)``,
+  and a run on 1 rank with ``accum = A R`` takes exactly the steps of a run on
+  ``R`` ranks with ``accum = A`` (what lets a run resume on another number of
+  GPUs, docs/multinode.md).
 * ``set_epoch(e)`` picks the epoch's order and resets the start to 0;
   ``set_start(k)`` then skips the first ``k`` indices of this rank's order
   (``k = batches_done * batch_size`` to resume mid-epoch exactly).
@@ -43,10 +51,12 @@ def _dist_default(num_replicas: Optional[int], rank: Optional[int]):
 class ExactDistributedSampler(Sampler[int]):
     def __init__(self, num_samples: int, num_replicas: Optional[int] = None,
                  rank: Optional[int] = None, shuffle: bool = True, seed: int = 0,
-                 even: bool = False):
+                 even: bool = False, chunk: int = 1):
         num_replicas, rank = _dist_default(num_replicas, rank)
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if chunk < 1 or (chunk > 1 and not even):
+            raise ValueError(f"chunk must be >= 1 and is only used with even=True, got chunk={chunk}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
         self.num_samples = int(num_samples)
@@ -55,6 +65,7 @@ class ExactDistributedSampler(Sampler[int]):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.even = bool(even)
+        self.chunk = int(chunk)
         self.epoch = 0
         self.start = 0
 
@@ -63,7 +74,7 @@ class ExactDistributedSampler(Sampler[int]):
         """How many indices this rank gets per epoch (before ``set_start``)."""
         N, R = self.num_samples, self.num_replicas
         if self.even:
-            return N // R
+            return N // (self.chunk * R) * self.chunk
         return N // R + (1 if self.rank < N % R else 0)
 
     def __len__(self) -> int:
@@ -99,7 +110,7 @@ class ExactDistributedSampler(Sampler[int]):
         else:
             order = list(range(N))
         if self.even:
-            order = order[: (N // R) * R]
+            return deal_chunks(order, R, self.rank, self.chunk)
         return order[self.rank::R]
 
     def __iter__(self) -> Iterator[int]:
@@ -109,11 +120,11 @@ class ExactDistributedSampler(Sampler[int]):
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "start": self.start, "seed": self.seed,
                 "num_samples": self.num_samples, "num_replicas": self.num_replicas,
-                "shuffle": self.shuffle, "even": self.even}
+                "shuffle": self.shuffle, "even": self.even, "chunk": self.chunk}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore epoch and start; the order must be the same one, so the sizes must match."""
-        for key in ("num_samples", "num_replicas", "seed", "shuffle", "even"):
+        for key in ("num_samples", "num_replicas", "seed", "shuffle", "even", "chunk"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume the sampler position exactly: the checkpoint has {key}={state[key]!r}, "
@@ -121,6 +132,17 @@ class ExactDistributedSampler(Sampler[int]):
                     f"and seed, or restart the epoch.")
         self.set_epoch(state["epoch"])
         self.set_start(state["start"])
+
+
+def deal_chunks(order: List[int], num_replicas: int, rank: int, chunk: int) -> List[int]:
+    """Rank ``rank``'s share of ``order``: chunks of ``chunk`` consecutive positions dealt round-robin,
+    whole rounds only (``floor(len / (chunk * num_replicas))`` chunks per rank)."""
+    rounds = len(order) // (chunk * num_replicas)
+    out: List[int] = []
+    for k in range(rounds):
+        start = (k * num_replicas + rank) * chunk
+        out += order[start:start + chunk]
+    return out
 
 
 class MixedDistributedSampler(ExactDistributedSampler):
@@ -132,16 +154,18 @@ class MixedDistributedSampler(ExactDistributedSampler):
       next positions of an endless stream made of fresh permutations of ``d``
       (each seeded by ``seed``, ``d`` and its number), so no sample of ``d`` is
       drawn a second time before all of ``d`` was drawn once, across epochs too.
-    * The ``L`` picks are shuffled with a generator seeded by ``seed + epoch``;
-      rank ``r`` takes positions ``r, r + R, ...`` of the first ``floor(L / R) * R``:
-      every rank gets the same count, no pick twice.
+    * The ``L`` picks are shuffled with a generator seeded by ``seed + epoch``
+      and dealt to the ranks in chunks of ``chunk``, as in
+      :class:`ExactDistributedSampler` with ``even=True``: every rank gets the
+      same count, no pick twice.
     * ``set_epoch``, ``set_start``, ``num_batches`` and the state dict work as in
       :class:`ExactDistributedSampler`; the order depends only on seed and epoch.
     """
 
     def __init__(self, dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset.epoch_length, num_replicas, rank, shuffle=shuffle, seed=seed, even=True)
+                 shuffle: bool = True, seed: int = 0, chunk: int = 1):
+        super().__init__(dataset.epoch_length, num_replicas, rank, shuffle=shuffle, seed=seed, even=True,
+                         chunk=chunk)
         self.lengths = list(dataset.lengths)
         self.offsets = list(dataset.offsets)
         self.counts = list(dataset.counts())
@@ -170,7 +194,7 @@ class MixedDistributedSampler(ExactDistributedSampler):
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
             picks = [picks[i] for i in torch.randperm(N, generator=g).tolist()]
-        return picks[: (N // R) * R][self.rank::R]
+        return deal_chunks(picks, R, self.rank, self.chunk)
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(super().state_dict(), counts=list(self.counts), lengths=list(self.lengths))
@@ -185,11 +209,13 @@ class MixedDistributedSampler(ExactDistributedSampler):
 
 
 def training_sampler(dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                     seed: int = 0) -> ExactDistributedSampler:
+                     seed: int = 0, batch_size: int = 1) -> ExactDistributedSampler:
     """The training sampler for ``dataset``: mixed by ratio for a MixedDataset with ratios, else every
-    sample once per epoch; either way every rank gets the same count (``even``)."""
+    sample once per epoch; either way every rank gets the same count (``even``), dealt in whole
+    micro-batches of ``batch_size`` (``chunk``)."""
     from .mixing import MixedDataset
 
     if isinstance(dataset, MixedDataset) and dataset.ratios is not None:
-        return MixedDistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
-    return ExactDistributedSampler(len(dataset), num_replicas, rank, shuffle=True, seed=seed, even=True)
+        return MixedDistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed, chunk=batch_size)
+    return ExactDistributedSampler(len(dataset), num_replicas, rank, shuffle=True, seed=seed, even=True,
+                                   chunk=batch_size)

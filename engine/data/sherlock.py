@@ -260,7 +260,16 @@ class SherlockDataset(RecordDataset):
                 f"region={self.region!r}, text={self.text!r})")
 
 
-@DATASETS.register("sherlock", schema=SherlockConfig)
+def prepare_sherlock(**options: Any) -> None:
+    """Generate the synthetic dataset if the recipe asks for one (``synthetic: N``) and it is not there yet.
+    The trainer runs this on rank 0 before the other ranks build the dataset (engine/build.py)."""
+    cfg = config_from(SherlockConfig, options, "sherlock")
+    if cfg.synthetic is not None:
+        make_tiny_sherlock(cfg.root, num_train=cfg.synthetic, num_val=cfg.synthetic_val,
+                           seed=cfg.synthetic_seed, image_size=cfg.synthetic_image_size)
+
+
+@DATASETS.register("sherlock", schema=SherlockConfig, prepare=prepare_sherlock)
 def build_sherlock(*, split: str, is_train: bool, vis_processor: Callable,
                    text_processor: Optional[Callable] = None, prompt: str = "",
                    **options: Any) -> SherlockDataset:
@@ -268,9 +277,7 @@ def build_sherlock(*, split: str, is_train: bool, vis_processor: Callable,
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
     cfg = config_from(SherlockConfig, options, "sherlock")
-    if cfg.synthetic is not None:
-        make_tiny_sherlock(cfg.root, num_train=cfg.synthetic, num_val=cfg.synthetic_val,
-                           seed=cfg.synthetic_seed, image_size=cfg.synthetic_image_size)
+    prepare_sherlock(**options)  # a no-op once the data is there
     file = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file or cfg.val_file}[split]
     return SherlockDataset(
         resolve(cfg.root, file),

@@ -188,24 +188,58 @@ def weights_only_loads():
         torch.load = original
 
 
-def load(engine, ckpt_dir: str, module_only: bool = False) -> Dict[str, Any]:
-    """Restore model, optimizer, LR schedule and this rank's RNG (or only the model); return the engine state."""
+def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[str] = None,
+         restore_rng: bool = True) -> Dict[str, Any]:
+    """Restore model, optimizer, LR schedule and this rank's RNG (or only the model); return the engine state.
+
+    ``universal``: the checkpoint's universal form (reshape.py) to load the DeepSpeed state from instead,
+    for a run on another number of ranks or ZeRO stage (DeepSpeed's ``checkpoint.load_universal`` must be
+    on). ``restore_rng=False`` keeps this rank's RNG as seeded (another layout: no such rank was saved).
+    """
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(
             f"{ckpt_dir} is not a complete checkpoint of this engine (no {COMPLETE} marker: the save was "
             f"interrupted or the folder is something else); resume from checkpoints/latest instead"
         )
-    root, tag = os.path.split(ckpt_dir)
+    root, tag = os.path.split(os.path.abspath(universal) if universal else ckpt_dir)
+    groups = getattr(engine.optimizer, "param_groups", None) or []
+    decays = [g.get("weight_decay") for g in groups]
     with weights_only_loads():
         path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
                                          load_optimizer_states=not module_only,
                                          load_lr_scheduler_states=not module_only)
+    if universal and not module_only:
+        _repair_universal_load(engine.optimizer, decays)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_file = os.path.join(ckpt_dir, f"rng_rank{_rank()}.pt")
-    if os.path.isfile(rng_file) and not module_only:
+    if os.path.isfile(rng_file) and not module_only and restore_rng:
         set_rng_state(safe_torch_load(rng_file))
+    with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _repair_universal_load(optimizer, decays: List[Optional[float]]) -> None:
+    """Two things DeepSpeed's ZeRO-3 universal loader gets wrong, put right after it ran.
+
+    It gives every param group the settings of the first (the no-decay group of biases and norms would get
+    weight decay): the groups' own weight decay is restored. It stores one ``step`` tensor in the Adam
+    state of every sub-group, and torch's Adam increments it in place once per sub-group and step, so the
+    bias correction would run ahead: each state gets its own copy. Both are no-ops after ZeRO-1/2 loads.
+    """
+    for g, wd in zip(optimizer.param_groups, decays):
+        if wd is not None:
+            g["weight_decay"] = wd
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.clone()
+
+
+def read_state(ckpt_dir: str) -> Dict[str, Any]:
+    """The engine state a checkpoint was saved with (step, epoch, position, layout, recipe)."""
     with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
         return json.load(f)
 

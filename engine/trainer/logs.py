@@ -10,14 +10,20 @@ from typing import Dict, List, Optional, Tuple
 logger = logging.getLogger("engine")
 
 
-def setup_logging(output_dir: Optional[str], rank: int) -> None:
-    """Console on rank 0 (warnings elsewhere) plus ``output_dir/train.log`` on rank 0."""
+def setup_logging(output_dir: Optional[str], rank: int, where: str = "") -> None:
+    """Console on rank 0 (warnings elsewhere) plus ``output_dir/train.log`` on rank 0. The other ranks'
+    lines name the rank and node (``where``), so warnings from a many-node job say where they happened."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
+    if rank != 0:
+        label = (where or f"rank {rank}").replace("%", "%%")
+        console.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [{label}]: %(message)s",
+                                               "%H:%M:%S"))
+    else:
+        console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.addHandler(console)
     root.setLevel(logging.INFO)

@@ -105,6 +105,7 @@ class Trainer:
         # Faults (docs/reliability.md).
         self.bad_steps_in_row = 0
         self.bad_samples = 0  # unreadable images this rank replaced during training
+        self._replaced: List[Dict[str, Any]] = []  # their records, until rank 0 wrote them
         self._signals = 0
         self._stop_reason: Optional[str] = None
         self._nan_injected = False
@@ -123,7 +124,7 @@ class Trainer:
 
         # Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets
         # are drawn in the shares of run.train_dataset_ratios.
-        sampler = training_sampler(ds, self.world, self.rank, seed=self.run.seed)
+        sampler = training_sampler(ds, self.world, self.rank, seed=self.run.seed, batch_size=self.run.batch_size_train)
         sampler.set_epoch(epoch)
         sampler.set_start(start_micro * self.run.batch_size_train)
         # Images leave the workers as uint8 and are normalised on the device, here.
@@ -151,15 +152,38 @@ class Trainer:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                 "best_score": self.best_score, "best_tag": self.best_tag,
                 "evals_without_improvement": self.evals_without_improvement, "world_size": self.world,
+                "zero_stage": self.engine.zero_optimization_stage(),
+                # Samples of the current epoch already trained on, over all ranks: the data position in a form
+                # that does not depend on the layout (a resume on another number of ranks converts it).
+                "samples_in_epoch": self.micro_in_epoch * self.run.batch_size_train * self.world,
                 "bad_samples": self.bad_samples,
                 "recipe": self.recipe.to_dict()}
 
-    def resume(self, ckpt_dir: str) -> None:
-        st = checkpoint.load(self.engine, ckpt_dir)
-        if st.get("world_size") not in (None, self.world):
-            logger.warning("resuming a %s-rank run on %s ranks: the data order differs from the original run",
-                           st.get("world_size"), self.world)
+    def resume(self, ckpt_dir: str, universal: Optional[str] = None) -> None:
+        """Continue from ``ckpt_dir``; ``universal``: its universal form, for another number of ranks or
+        ZeRO stage (engine/trainer/reshape.py)."""
+        saved_world = checkpoint.read_state(ckpt_dir).get("world_size")
+        same_ranks = saved_world in (None, self.world)
+        st = checkpoint.load(self.engine, ckpt_dir, universal=universal, restore_rng=same_ranks)
         self.global_step, self.epoch, self.micro_in_epoch = st["global_step"], st["epoch"], st["micro_in_epoch"]
+        old_run = st["recipe"]["run"]
+        per_micro = self.run.batch_size_train * self.world
+        if (old_run["batch_size_train"], saved_world) != (self.run.batch_size_train, self.world):
+            # Another layout: the position is the samples already taken this epoch, in micro-batches of this
+            # run, at an optimizer-step boundary.
+            taken = st.get("samples_in_epoch", self.micro_in_epoch * old_run["batch_size_train"] * saved_world)
+            micro = taken // per_micro
+            micro -= micro % self.run.accum_grad_iters
+            if micro * per_micro != taken:
+                logger.warning("the checkpoint stopped %d samples into epoch %d; with %d samples per micro-batch "
+                               "over all ranks this run goes on from sample %d", taken, self.epoch, per_micro,
+                               micro * per_micro)
+            logger.info("data position: %d samples into epoch %d = micro-batch %d of each of %d rank(s)", taken,
+                        self.epoch, micro, self.world)
+            self.micro_in_epoch = micro
+        if not same_ranks:
+            logger.info("RNG states: the checkpoint has %d rank(s), this run %d; each rank keeps its seeded RNG "
+                        "(augmentation is seeded per sample and does not depend on it)", saved_world, self.world)
         self.best_score, self.best_tag = st.get("best_score"), st.get("best_tag")
         self.evals_without_improvement = st.get("evals_without_improvement", 0)
         self.bad_samples = st.get("bad_samples", 0)
@@ -212,10 +236,13 @@ class Trainer:
         received SIGINT/SIGTERM or replaced more unreadable images than allowed (then all stop at the same
         optimizer step). One host read of the loss's finiteness and one tiny all-reduce on the CPU."""
         flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, float(self._signals > 0),
-                              float(self.bad_samples > self.run.max_bad_samples)])
+                              float(self.bad_samples > self.run.max_bad_samples), float(bool(self._replaced))])
         if self.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._vote_group)
-        nonfinite, interrupted, too_many = (bool(x) for x in flags.tolist())
+        nonfinite, interrupted, too_many, replaced = (bool(x) for x in flags.tolist())
+        if replaced:  # some rank replaced unreadable images: rank 0 records them for all
+            self._append_jsonl("bad_samples.jsonl", self._gather(self._replaced))
+            self._replaced = []
         if self._stop_reason is None and interrupted:
             self._stop_reason = "interrupted"
         elif self._stop_reason is None and too_many:
@@ -235,11 +262,27 @@ class Trainer:
             return loss * float("nan")
         return loss
 
+    def _gather(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every rank's ``items``, in rank order (a collective: all ranks call it at the same point)."""
+        if self.world == 1:
+            return list(items)
+        parts: List[Any] = [None] * self.world
+        dist.all_gather_object(parts, list(items), group=self._vote_group)
+        return [x for part in parts for x in part]
+
+    def _append_jsonl(self, name: str, rows: List[Dict[str, Any]]) -> None:
+        """Only global rank 0 writes the run's files (on a shared disk, ranks of several nodes appending to
+        one file could interleave their lines)."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(self.output_dir, name), "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
     def _note_bad_step(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
+        """Every rank skipped this micro-batch (the vote is unanimous): record each rank's samples."""
         entry = {"step": self.global_step + 1, "epoch": self.epoch, "rank": self.rank, "loss": str(float(loss)),
                  "sample_ids": [str(i) for i in batch.get("sample_id", [])]}
-        with open(os.path.join(self.output_dir, "bad_steps.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        self._append_jsonl("bad_steps.jsonl", self._gather([entry]))
         if self.rank == 0:
             logger.warning("step %d skipped: non-finite loss on some rank (%d in a row; run.max_bad_steps=%d); "
                            "batch listed in bad_steps.jsonl", self.global_step + 1, self.bad_steps_in_row + 1,
@@ -251,9 +294,9 @@ class Trainer:
         if not replaced:
             return
         self.bad_samples += len(replaced)
-        with open(os.path.join(self.output_dir, "bad_samples.jsonl"), "a", encoding="utf-8") as f:
-            for r in replaced:
-                f.write(json.dumps({**r, "epoch": self.epoch, "step": self.global_step + 1, "rank": self.rank}) + "\n")
+        # Written by rank 0 after the next vote (_vote), which tells every rank that there is news.
+        self._replaced += [{**r, "epoch": self.epoch, "step": self.global_step + 1, "rank": self.rank}
+                           for r in replaced]
         for r in replaced:
             logger.warning("rank %d: %s; replaced by sample %s (%d replaced, run.max_bad_samples=%d)", self.rank,
                            r["error"], r["replaced_by"], self.bad_samples, self.run.max_bad_samples)
