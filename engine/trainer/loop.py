@@ -65,6 +65,9 @@ def lr_scheduler_factory(recipe: Recipe, total_steps: int, steps_per_epoch: int)
     return lambda optimizer: StepLR(optimizer, fn)
 
 
+_SAME_SIGNAL_S = 1.0  # a second SIGINT/SIGTERM sooner than this after the first is the same request
+
+
 def _ignore_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT/SIGTERM to the training process, which saves before it exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -107,6 +110,7 @@ class Trainer:
         self.bad_samples = 0  # unreadable images this rank replaced during training
         self._replaced: List[Dict[str, Any]] = []  # their records, until rank 0 wrote them
         self._signals = 0
+        self._first_signal = 0.0  # time.monotonic() of the first SIGINT/SIGTERM
         self._stop_reason: Optional[str] = None
         self._nan_injected = False
         self._previous_handlers: Dict[int, Any] = {}
@@ -302,14 +306,20 @@ class Trainer:
                            r["error"], r["replaced_by"], self.bad_samples, self.run.max_bad_samples)
 
     def _on_signal(self, signum, frame) -> None:
-        self._signals += 1
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._signals and now - self._first_signal < _SAME_SIGNAL_S:
+            # On a cluster one request often arrives twice: SLURM signals every process of the job step and
+            # the deepspeed launcher passes its own copy on to the ranks. Taken as the same request.
+            return
+        self._signals += 1
+        self._first_signal = self._first_signal or now
         if self._signals > 1:
             sys.stderr.write(f"\n{name} again: exiting now, without saving\n")
             sys.stderr.flush()
             os._exit(130)
         sys.stderr.write(f"\n{name}: saving a checkpoint after this optimizer step, then exiting "
-                         f"(send it again to exit at once)\n")
+                         f"(send it again, a second or more later, to exit at once)\n")
         sys.stderr.flush()
 
     def _stop(self, saved: Optional[str]) -> None:

@@ -60,7 +60,11 @@ def describe(batch: int, world: int, accum: int) -> str:
 
 
 def saved_layout(ckpt_dir: str) -> SavedLayout:
-    with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
+    path = os.path.join(ckpt_dir, "engine_state.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint of this engine (no engine_state.json); "
+                                f"name a folder under run.output_dir/checkpoints/ (latest names the newest)")
+    with open(path, "r", encoding="utf-8") as f:
         state = json.load(f)
     run = state["recipe"]["run"]
     stage = state.get("zero_stage")
