@@ -101,7 +101,9 @@ def worker(args) -> dict:
         out.update(device=torch.cuda.get_device_name(device), cap_gb=cap / 2 ** 30)
     out["batch"] = r.batch_size_train
 
-    deepspeed.init_distributed()
+    from engine.trainer.topology import init_distributed
+
+    init_distributed()
     ds_config = fill_ds_config(recipe, world_size=1, on_cpu=not cuda)
     hf_ds = None
     if zero_stage(ds_config) == 3:

@@ -339,7 +339,9 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
 
             ZOO_OPT[bench.zoo["name"]] = ZooEntry(None, dict(bench.zoo["defaults"]), dict(bench.zoo["config"]))
         recipe = _recipe(bench, out_dir)
-        deepspeed.init_distributed()
+        from engine.trainer.topology import init_distributed
+
+        init_distributed()
         deepspeed.runtime.utils.set_random_seed(recipe.run.seed)
         model = build_model(recipe)
         prompt = recipe.model.prompt

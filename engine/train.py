@@ -159,7 +159,7 @@ def run(args) -> int:
     from engine.models.quant import QuantizationError, check_quantization
     from engine.trainer.logs import logger, setup_logging
     from engine.trainer.reshape import needs_universal, prepare_universal, saved_layout
-    from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir
+    from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir, init_distributed
     from engine.trainer.loop import (Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups,
                                      total_optimizer_steps)
 
@@ -169,7 +169,7 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     # gloo on CPU, nccl on GPU; rendezvous from the launcher's env. The timeout bounds every collective, so a
     # rank that dies without the launcher noticing fails the others instead of leaving them waiting forever.
-    deepspeed.init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
+    init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
     topo = Topology.from_env()
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)

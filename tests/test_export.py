@@ -212,7 +212,8 @@ from engine.config import load_recipe
 from engine.deepspeed_config import fill_ds_config
 from engine.export import save_lora_adapter
 from engine.trainer.loop import param_groups
-deepspeed.init_distributed()
+from engine.trainer.topology import init_distributed
+init_distributed()
 for stage in (2, 3):
     recipe = load_recipe("recipes/tiny_sherlock.yaml", [f"run.deepspeed=ds_configs/zero{stage}.json",
                          "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0"], check_files=False)

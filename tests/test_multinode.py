@@ -55,6 +55,8 @@ def launch_two_nodes(options, timeout=300):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+    # DeepSpeed's CPU all-reduce buffers (/dev/shm, one per rank) were unlinked once the ranks had mapped them
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
     return [p.returncode for p in procs], outs
 
 

@@ -88,3 +88,37 @@ def check_shared_output_dir(output_dir: str, topo: Topology) -> None:
             f"wrote there. Checkpoints are written and read by every rank, so the folder must be on storage "
             f"every node mounts at the same path (NFS, Lustre, ...): set run.output_dir to such a path "
             f"(docs/multinode.md)")
+
+
+def init_distributed(timeout=None) -> None:
+    """``deepspeed.init_distributed`` (NCCL on GPU, gloo on CPU, rendezvous from the launcher's environment),
+    then the clean-up of what DeepSpeed's CPU backend leaves behind (``release_shared_memory_names``)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if timeout is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=timeout)
+    dist.barrier()  # every rank has finished DeepSpeed's set-up, including the mapping of the others' buffers
+    release_shared_memory_names(dist.get_rank())
+
+
+def release_shared_memory_names(rank: int) -> None:
+    """Remove this rank's ``/dev/shm`` name of DeepSpeed's CPU all-reduce buffer.
+
+    On the CPU accelerator DeepSpeed creates one 66 MB shared-memory file per rank
+    (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``) and never unlinks it, so
+    every CPU run leaves its buffers in RAM after it ends, until /dev/shm fills up. Once all ranks have
+    mapped each other's buffers (after the set-up, behind a barrier) the names are no longer needed:
+    unlinking them keeps the mappings working and frees the memory when the processes exit, however they
+    exit. A no-op where the file does not exist (GPU runs).
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
