@@ -192,11 +192,11 @@ def run(args) -> int:
     universal = None
     if resume_from and not r.evaluate:
         layout = saved_layout(resume_from)
-        if needs_universal(layout, world, zero_stage(ds_config)):
+        if needs_universal(layout, world, zero_stage(ds_config), r.deepspeed):
             # Another number of ranks or ZeRO stage: DeepSpeed re-shards the state from its universal form.
-            logger.info("resuming %s, saved by %d rank(s) under ZeRO stage %s, on %d rank(s) under ZeRO stage %d: "
-                        "through DeepSpeed's universal checkpoint format", resume_from, layout.world_size,
-                        layout.zero_stage, world, zero_stage(ds_config))
+            logger.info("resuming %s, saved by %d rank(s) under ZeRO stage %s (%s), on %d rank(s) under ZeRO stage %d "
+                        "(%s): through DeepSpeed's universal checkpoint format", resume_from, layout.world_size,
+                        layout.zero_stage, layout.deepspeed, world, zero_stage(ds_config), r.deepspeed)
             # The conversion of a large checkpoint can outlast run.dist_timeout_s: the others wait on a group
             # with a long timeout.
             wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))

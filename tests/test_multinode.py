@@ -123,7 +123,8 @@ def test_zero2_checkpoint_resumes_under_zero3(refs, tmp_path):
                      args=["--resume"])
     assert proc.returncode == 0
     assert "run.deepspeed: 'ds_configs/zero2.json' in the checkpoint, 'ds_configs/zero3.json' now" in proc.stdout
-    assert "under ZeRO stage 2, on 2 rank(s) under ZeRO stage 3" in proc.stdout
+    assert "under ZeRO stage 2 (ds_configs/zero2.json), on 2 rank(s) under ZeRO stage 3 (ds_configs/zero3.json)" \
+        in proc.stdout
     got = losses_by_step(tmp_path / "z3")
     assert sorted(got) == [9, 10, 11, 12]
     assert got == pytest.approx({s: ref[s] for s in got}, rel=1e-6, abs=1e-6)

@@ -45,6 +45,7 @@ class SavedLayout:
     zero_stage: Optional[int]
     batch_size_train: int
     accum_grad_iters: int
+    deepspeed: Optional[str] = None  # the run's DeepSpeed config file
 
     @property
     def global_batch(self) -> int:
@@ -71,7 +72,8 @@ def saved_layout(ckpt_dir: str) -> SavedLayout:
     if stage is None:  # written before the stage was recorded: DeepSpeed's own record of its config
         stage = _stage_from_deepspeed_files(ckpt_dir)
     return SavedLayout(world_size=int(state.get("world_size") or 1), zero_stage=stage,
-                       batch_size_train=int(run["batch_size_train"]), accum_grad_iters=int(run["accum_grad_iters"]))
+                       batch_size_train=int(run["batch_size_train"]), accum_grad_iters=int(run["accum_grad_iters"]),
+                       deepspeed=run.get("deepspeed"))
 
 
 def _stage_from_deepspeed_files(ckpt_dir: str) -> Optional[int]:
@@ -133,8 +135,11 @@ def check_global_batch(recipe, layout: SavedLayout, world: int) -> Tuple[List[Pr
                     "run.allow_recipe_change=true to accept")], []
 
 
-def needs_universal(layout: SavedLayout, world: int, stage: int) -> bool:
-    return layout.world_size != world or (layout.zero_stage is not None and layout.zero_stage != stage)
+def needs_universal(layout: SavedLayout, world: int, stage: int, deepspeed: Optional[str] = None) -> bool:
+    """Another number of ranks or ZeRO stage; or another DeepSpeed config file (e.g. optimizer offload
+    switched on), where the universal form is the one way DeepSpeed promises to load the state."""
+    return (layout.world_size != world or (layout.zero_stage is not None and layout.zero_stage != stage)
+            or (deepspeed is not None and layout.deepspeed is not None and layout.deepspeed != deepspeed))
 
 
 def universal_dir(ckpt_dir: str) -> str:
