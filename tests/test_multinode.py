@@ -172,6 +172,7 @@ def test_tool_converts_ahead_and_resume_reuses_it(refs, tmp_path):
     assert (universal / "COMPLETE").is_file() and "saved by 2 rank(s), ZeRO stage 2, global batch 16" in proc.stdout
     assert (universal / "mp_rank_00_model_states.pt").is_file()
     assert (universal / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # readable by a ZeRO-3 run too
+    assert not (universal.parent / "latest_universal").exists()  # no pointer to the temporary folder
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "to_universal.py"), str(tmp_path / "nope")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr

@@ -183,6 +183,11 @@ def convert_to_universal(ckpt_dir: str, workers: int = 1) -> str:
     if os.path.isdir(out):  # an incomplete leftover (no COMPLETE)
         shutil.rmtree(out)
     os.replace(tmp, out)
+    # ds_to_universal also leaves a `latest_universal` pointer beside its output, naming the temporary folder;
+    # the engine loads by explicit path, and a pointer to a folder that is gone would only mislead.
+    stale = os.path.join(ckpt_dir, "latest_universal")
+    if os.path.isfile(stale):
+        os.remove(stale)
     return out
 
 
