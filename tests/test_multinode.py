@@ -194,3 +194,22 @@ def test_a_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     fake._first_signal -= 2 * loop._SAME_SIGNAL_S  # a real second request, later
     loop.Trainer._on_signal(fake, signal.SIGINT, None)
     assert exits == [130]
+
+
+def test_topology_from_the_launchers_environment(monkeypatch):
+    from engine.trainer.topology import Topology
+
+    # what DeepSpeed's launcher sets on the second of two nodes of 8 GPUs
+    for k, v in dict(RANK="11", LOCAL_RANK="3", WORLD_SIZE="16", LOCAL_SIZE="8", CROSS_RANK="1",
+                     CROSS_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    t = Topology.from_env()
+    assert (t.rank, t.local_rank, t.node_rank, t.num_nodes, t.local_size) == (11, 3, 1, 2, 8)
+    assert t.describe().startswith("16 rank(s) on 2 nodes (8 per node") and "node 1, local rank 3" in t.tag()
+    # torchrun: GROUP_RANK and LOCAL_WORLD_SIZE instead
+    for k in ("LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_RANK", "2")
+    t = Topology.from_env()
+    assert (t.node_rank, t.num_nodes, t.local_size) == (2, 4, 4)

@@ -35,9 +35,9 @@ class Topology:
         world = int(env.get("WORLD_SIZE", "1"))
         local_size = int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", world)))
         rank = int(env.get("RANK", "0"))
-        # torchrun sets GROUP_RANK / NNODES for the same facts
+        # torchrun names the node GROUP_RANK and gives no node count: ranks / ranks per node
         node = int(env.get("CROSS_RANK", env.get("GROUP_RANK", rank // max(local_size, 1))))
-        nodes = int(env.get("CROSS_SIZE", env.get("NNODES", max(world // max(local_size, 1), 1))))
+        nodes = int(env.get("CROSS_SIZE", max(world // max(local_size, 1), 1)))
         return cls(rank=rank, world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")), local_size=local_size,
                    node_rank=node, num_nodes=nodes, host=socket.gethostname())
 
