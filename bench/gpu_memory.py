@@ -69,6 +69,15 @@ def default_recipes():
 # --------------------------------------------------------------------------- one recipe (a subprocess)
 
 
+def failure_line(lines) -> str:
+    """The line that says why a worker failed: the last exception line of its output, else its last line."""
+    for line in reversed(lines):
+        head = line.split(":", 1)[0].strip()
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
 def worker(args) -> dict:
     import torch
 
@@ -85,7 +94,7 @@ def worker(args) -> dict:
 
     from engine.build import build_model
     from engine.config import load_recipe
-    from engine.deepspeed_config import fill_ds_config, zero_stage
+    from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list, zero_stage
     from engine.trainer.loop import lr_scheduler_factory, param_groups
 
     recipe = load_recipe(args.worker, ["model.pretrained=random", *args.options], check_files=False)
@@ -104,6 +113,7 @@ def worker(args) -> dict:
     from engine.trainer.topology import init_distributed
 
     init_distributed()
+    normalize_cuda_arch_list()  # engine/train.py does the same: DeepSpeed cannot parse e.g. 9.0a
     ds_config = fill_ds_config(recipe, world_size=1, on_cpu=not cuda)
     hf_ds = None
     if zero_stage(ds_config) == 3:
@@ -151,6 +161,7 @@ def worker(args) -> dict:
         step_s = sum(times) / len(times)
         out.update(step_s=step_s, samples_per_s=b / step_s)
     del hf_ds
+    torch.distributed.destroy_process_group()
     return out
 
 
@@ -240,8 +251,9 @@ def main(argv=None) -> int:
                 if os.path.exists(out):
                     row = json.load(open(out))
                 else:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-                    row = {"recipe": os.path.relpath(path, ROOT), "status": f"failed: {tail[0][:120]}"}
+                    lines = (proc.stderr + proc.stdout).strip().splitlines()
+                    row = {"recipe": os.path.relpath(path, ROOT), "status": f"failed: {failure_line(lines)[:160]}",
+                           "log_tail": lines[-40:]}
             except subprocess.TimeoutExpired:
                 row = {"recipe": os.path.relpath(path, ROOT), "status": f"timed out after {args.timeout} s"}
         recipe = load_recipe(path, ["model.pretrained=random", *args.options], check_files=False)

@@ -202,10 +202,11 @@ def _initialize(recipe, model, steps_per_epoch: int):
     """deepspeed.initialize exactly as engine/train.py calls it."""
     import deepspeed
 
-    from engine.deepspeed_config import fill_ds_config
+    from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list
     from engine.trainer.loop import lr_scheduler_factory, param_groups
 
     r = recipe.run
+    normalize_cuda_arch_list()
     ds_config = fill_ds_config(recipe, 1, on_cpu=not _cuda())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,

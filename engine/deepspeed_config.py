@@ -146,3 +146,35 @@ def fill_ds_config(recipe: Recipe, world_size: int, on_cpu: bool, load_universal
         ds["optimizer"] = {"type": opt.get("type", "AdamW"), "params": merged}
     ds.pop("scheduler", None)  # our LR schedule is passed to deepspeed.initialize
     return ds
+
+
+def normalize_cuda_arch_list(environ=None) -> str:
+    """Make TORCH_CUDA_ARCH_LIST readable by DeepSpeed's just-in-time op builder; return a note ('' if unchanged).
+
+    Containers for Hopper and Blackwell often set architecture-specific entries such as ``9.0a`` or ``10.0f``.
+    PyTorch accepts them; DeepSpeed 0.19 parses every entry as ``major.minor[+PTX]`` and stops building its
+    fused Adam with ``invalid literal for int() with base 10: '0a'``. DeepSpeed's kernels use no
+    architecture-specific instructions, so the suffix is dropped (``9.0a`` -> ``9.0``, ``9.0a+PTX`` ->
+    ``9.0+PTX``) in this process's environment."""
+    env = os.environ if environ is None else environ
+    value = env.get("TORCH_CUDA_ARCH_LIST")
+    if not value or not value.strip():
+        return ""
+    out = []
+    for entry in value.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        arch, plus, ptx = entry.partition("+")
+        major, dot, minor = arch.partition(".")
+        digits = minor.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if dot and major.isdigit() and digits.isdigit():
+            entry = f"{major}.{digits}{plus}{ptx}"
+        if entry not in out:
+            out.append(entry)
+    fixed = ";".join(out)
+    if fixed == value:
+        return ""
+    env["TORCH_CUDA_ARCH_LIST"] = fixed
+    return (f"TORCH_CUDA_ARCH_LIST={value!r} has architecture suffixes DeepSpeed's op builder cannot parse; "
+            f"using {fixed!r} for its just-in-time ops")

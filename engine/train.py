@@ -155,7 +155,7 @@ def run(args) -> int:
 
     from engine.build import build_datasets, build_model, prepare_datasets
     from engine.config import save_resolved
-    from engine.deepspeed_config import fill_ds_config, zero_stage
+    from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list, zero_stage
     from engine.models.quant import QuantizationError, check_quantization
     from engine.trainer.logs import logger, setup_logging
     from engine.trainer.reshape import needs_universal, prepare_universal, saved_layout
@@ -183,6 +183,9 @@ def run(args) -> int:
     for note in resume_notes:
         logger.info("recipe differs from the checkpoint (allowed): %s", note)
     on_cpu = get_accelerator().device_name() == "cpu"
+    arch_note = normalize_cuda_arch_list()
+    if arch_note and rank == 0:
+        logger.info(arch_note)
     try:
         ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu)
     except ValueError as e:

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+from unittest import mock
 
 import pytest
 import yaml
@@ -157,3 +158,22 @@ def test_lora_on_parses_as_a_key_not_a_yaml_boolean(tmp_path):
         load_recipe(str(p))
     r = load_recipe(str(p), options=["model.freeze_llm=true"])
     assert r.model.lora.on == ["llm", "qformer"] and r.model.freeze_llm is True
+
+
+def test_cuda_arch_suffixes_are_made_readable_for_deepspeeds_op_builder():
+    # Hopper/Blackwell containers set entries like 9.0a; DeepSpeed's builder cannot parse them (its fused Adam
+    # would fail to build on the GPU). Proved against DeepSpeed's own CUDA builder, which needs no GPU here.
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from engine.deepspeed_config import normalize_cuda_arch_list
+
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a 10.0f+PTX;9.0"}
+    with mock.patch.dict(os.environ, env):
+        with pytest.raises(ValueError, match="0a"):
+            FusedAdamBuilder().compute_capability_args()
+        note = normalize_cuda_arch_list()
+        assert "9.0a" in note and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+        args = FusedAdamBuilder().compute_capability_args()
+        assert "-gencode=arch=compute_90,code=sm_90" in args and "-gencode=arch=compute_100,code=compute_100" in args
+        assert normalize_cuda_arch_list() == ""  # already readable: untouched, nothing said
+    assert normalize_cuda_arch_list({}) == ""
