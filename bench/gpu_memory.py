@@ -120,14 +120,14 @@ def worker(args) -> dict:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # partition while building, as engine/train.py does
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[r.precision]
     t0 = time.perf_counter()
-    model = build_model(recipe)
+    model = build_model(recipe, dtype=dtype)  # as engine/train.py builds it
     total = args.warmup + args.steps
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, r.weight_decay),
                                            config=ds_config, lr_scheduler=lr_scheduler_factory(recipe, total, total))
     out["build_s"] = time.perf_counter() - t0
     b = r.batch_size_train
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[r.precision]
     gen = torch.Generator(device=device).manual_seed(0)
     words = ("a red circle left of a small blue square near the top of the " * 40).split()
     targets = [" ".join(words[i:i + 4 * m.max_txt_len]) for i in range(b)]  # truncated to max_txt_len

@@ -331,7 +331,7 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
         import deepspeed
         import torch
 
-        from engine.build import build_model
+        from engine.build import DTYPES, build_model
 
         if bench.threads:
             torch.set_num_threads(bench.threads)
@@ -344,7 +344,7 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
 
         init_distributed()
         deepspeed.runtime.utils.set_random_seed(recipe.run.seed)
-        model = build_model(recipe)
+        model = build_model(recipe, dtype=DTYPES[recipe.run.precision])  # as engine/train.py builds it
         prompt = recipe.model.prompt
         data = SyntheticCaptions(n_samples, bench.image_size, prompt, seed=recipe.run.seed,
                                  length_of=lambda t: model.build_inputs([prompt], [t])["input_ids"].shape[1])

@@ -83,14 +83,16 @@ QUANT_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0}
 def zero_model_states(*, total: int, trainable: int, stage: int, gpus_per_node: int = 1, nodes: int = 1,
                       offload_optimizer: bool = False, offload_param: bool = False, largest_layer: int = 0,
                       weight_bytes: Optional[float] = None, precision: str = "bf16", zero_init: bool = True,
-                      additional_buffer_factor: float = 1.5) -> Tuple[int, int]:
+                      additional_buffer_factor: float = 1.5, build_bytes: float = 4) -> Tuple[int, int]:
     """(cpu_bytes, gpu_bytes) of weights, gradients and optimizer states; DeepSpeed's cold formulas
     generalised to frozen parameters.
 
     `total` parameters, of which `trainable` go to the optimizer; `weight_bytes` is the memory of
     all weights in the run's precision (default 2 B/param in bf16/fp16, 4 in fp32). CPU memory is
-    per node, GPU memory per GPU. With every parameter trainable in 16-bit this equals
-    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`.
+    per node, GPU memory per GPU. `build_bytes` per parameter is what each rank holds while it builds
+    the model before DeepSpeed partitions it (4: fp32, DeepSpeed's assumption; the engine builds real
+    weights in the run's precision, 2 B). With every parameter trainable in 16-bit and the default
+    `build_bytes` this equals `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`.
     """
     total_gpus = gpus_per_node * nodes
     wbytes = (2 if precision != "fp32" else 4) * total if weight_bytes is None else weight_bytes
@@ -101,7 +103,7 @@ def zero_model_states(*, total: int, trainable: int, stage: int, gpus_per_node: 
     if stage <= 2:
         if offload_optimizer:
             gpu = wbytes
-            cpu = max(4 * total_gpus * total, opt * trainable) * buf
+            cpu = max(build_bytes * total_gpus * total, opt * trainable) * buf
         else:
             # Stage 2 partitions gradients and optimizer states, stage 1 only the optimizer states.
             if stage == 2:
@@ -110,7 +112,7 @@ def zero_model_states(*, total: int, trainable: int, stage: int, gpus_per_node: 
                 gpu = wbytes + int(grad16 * trainable + opt * trainable / total_gpus)
             else:
                 gpu = wbytes + (grad16 + opt) * trainable
-            cpu = total * 4 * gpus_per_node * buf  # every rank materialises the fp32 model once
+            cpu = total * build_bytes * gpus_per_node * buf  # every rank materialises the model once
         return int(cpu), int(gpu)
     largest = 4 * largest_layer  # the biggest module, gathered for its forward/backward
     per_node = 1 / nodes
@@ -127,11 +129,11 @@ def zero_model_states(*, total: int, trainable: int, stage: int, gpus_per_node: 
         gpu = largest + int((wbytes + opt * trainable) / total_gpus)
         states = None
     if states is None:
-        cpu = (largest_layer if zero_init else total) * 4 * gpus_per_node * buf
+        cpu = (largest_layer if zero_init else total) * build_bytes * gpus_per_node * buf
     elif zero_init:
         cpu = states * buf
     else:
-        cpu = max(4 * gpus_per_node * total, states) * buf
+        cpu = max(build_bytes * gpus_per_node * total, states) * buf
     return int(cpu), int(gpu)
 
 
@@ -475,7 +477,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
     cpu_states, gpu_states = zero_model_states(
         total=total, trainable=trainable, stage=ds["stage"], gpus_per_node=gpus, nodes=nodes,
         offload_optimizer=ds["offload_optimizer"], offload_param=ds["offload_param"],
-        largest_layer=f.largest_layer, weight_bytes=weight_bytes, precision=r.precision)
+        largest_layer=f.largest_layer, weight_bytes=weight_bytes, precision=r.precision,
+        build_bytes=weight_bytes / total)  # engine/train.py builds in the run's precision (8/4-bit: quantised)
     work = Workload(batch=r.batch_size_train, image_size=m.image_size, max_txt_len=m.max_txt_len,
                     grad_checkpoint=m.use_grad_checkpoint, precision=r.precision)
     acts = activation_bytes(f, work)

@@ -153,7 +153,7 @@ def run(args) -> int:
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from engine.build import build_datasets, build_model, prepare_datasets
+    from engine.build import DTYPES, build_datasets, build_model, prepare_datasets
     from engine.config import save_resolved
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list, zero_stage
     from engine.models.quant import QuantizationError, check_quantization
@@ -217,8 +217,8 @@ def run(args) -> int:
         hf_ds = HfDeepSpeedConfig(ds_config)
     from engine.models.blip2 import CheckpointMismatchError
 
-    try:
-        model = build_model(recipe)
+    try:  # built in the run's precision: DeepSpeed would cast an fp32 build anyway (half the host memory)
+        model = build_model(recipe, dtype=DTYPES[r.precision])
     except CheckpointMismatchError as e:
         raise UsageError(str(e)) from None
     for part, n in model.parameter_summary().items():

@@ -525,3 +525,28 @@ def test_infer_prepares_image_and_prompt_exactly_as_the_dataset(zero2_run):
         assert prompt == sample["prompt"]
         torch.testing.assert_close(prepare_image(dataset.load_image(0), item.boxes, settings), sample["image"],
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_vicuna_instruct"])
+def test_training_builds_in_its_precision_the_weights_deepspeed_would_cast_to(arch, tmp_path):
+    """engine/train.py builds in bf16 (half the host memory per rank): the same weights as an fp32 build cast by
+    DeepSpeed, from a checkpoint folder and from the seed, with fp32 buffers (Llama's rotary table) left alone."""
+    from deepspeed.runtime.keep_in_fp32 import keep_in_fp32_pattern
+
+    from engine.build import build_model
+    from engine.export import save_hf_folder
+
+    recipe = tiny_recipe(f"model.arch={arch}")
+    save_hf_folder(build_model(recipe), str(tmp_path / "ckpt"), recipe_dict=recipe.to_dict(), info={})
+    for options in ([], [f"model.pretrained={tmp_path / 'ckpt'}"]):
+        r = tiny_recipe(f"model.arch={arch}", *options)
+        full, half = build_model(r), build_model(r, dtype=torch.bfloat16)
+        assert keep_in_fp32_pattern(half, None, torch.bfloat16) is None  # DeepSpeed then casts every parameter
+        params = dict(half.named_parameters())
+        for name, p in full.named_parameters():
+            assert torch.equal(params[name].to(torch.bfloat16), p.to(torch.bfloat16)), name
+            if name.startswith(("hf.vision_model.", "hf.language_model.")):
+                assert params[name].dtype == torch.bfloat16, name  # the big frozen parts: 2 B per weight
+        buffers = dict(half.named_buffers())
+        for name, b in full.named_buffers():
+            assert buffers[name].dtype == b.dtype and torch.equal(buffers[name], b), name

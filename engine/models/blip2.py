@@ -461,7 +461,11 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
             config_cls = InstructBlipConfig if spec.instruct else Blip2Config
             config = config_cls(**copy.deepcopy(entry.config),
                                 image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        hf = _random_model(cls, config, dtype, seed)
+        # Initialised in fp32 whatever `dtype` is, so a seed gives the same weights in every precision.
+        hf = _random_model(cls, config, torch.float32, seed)
+        if dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in hf.parameters()):
+            for p in hf.parameters():  # parameters only, as DeepSpeed casts: fp32 buffers (rotary) stay
+                p.data = p.data.to(dtype)
     else:
         _check_checkpoint(arch, model_type, entry, pretrained, spec)
         hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code)
