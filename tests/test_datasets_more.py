@@ -257,6 +257,50 @@ def test_mixed_sampler_ratios_and_equal_ranks():
         MixedDataset({"a": _Fake("a", 3), "b": _Fake("b", 3)}, ratios={"a": 1})
 
 
+
+class _Augmented(_Fake):
+    """Returns the random draw its augmentation would make."""
+
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), text_output=f"{float(torch.rand(1)):.9f}")
+
+
+def test_repeats_of_an_oversampled_sample_are_augmented_differently():
+    from engine.trainer.seeding import SeededDataset, SeededSampler, sample_seed
+
+    # b has 3 samples and is drawn 12 times an epoch: each of its samples 4 times.
+    ds = MixedDataset({"a": _Augmented("a", 12), "b": _Augmented("b", 3)}, ratios={"a": 1, "b": 1}, epoch_length=24)
+    assert ds.counts() == [12, 12]
+
+    def epoch(world):
+        out = []
+        for r in range(world):
+            s = MixedDistributedSampler(ds, world, r, seed=5, chunk=2)
+            s.set_epoch(1)
+            out += draws_of(s)
+        return out
+
+    def draws_of(sampler):
+        return [(x["sample_id"], x["text_output"]) for x in map(SeededDataset(ds).__getitem__,
+                                                                 SeededSampler(sampler, seed=5, epoch=1))]
+
+    one = epoch(1)
+    draws = {}
+    for sample_id, draw in one:
+        draws.setdefault(sample_id, []).append(draw)
+    assert sorted(len(v) for k, v in draws.items() if k.startswith("b")) == [4, 4, 4]
+    assert all(len(set(v)) == len(v) for v in draws.values())  # every repeat its own augmentation
+    assert sorted(epoch(2)) == sorted(one)  # the same draws on 2 ranks
+    tail = MixedDistributedSampler(ds, 1, 0, seed=5, chunk=2)
+    tail.set_epoch(1)
+    tail.set_start(10)
+    assert draws_of(tail) == one[10:]  # and after a resume
+    # A sample drawn once keeps the seed it always had: runs without oversampling are unchanged.
+    plain = ExactDistributedSampler(6, 1, 0, seed=5)
+    assert list(SeededSampler(plain, seed=5, epoch=1)) == [(i, sample_seed(5, 1, i)) for i in plain]
+    assert sample_seed(5, 1, 4) == (5 * 1_000_003 + 1 * 10_007 + 4 * 7 + 12345) % (2**31 - 1)
+
+
 def _recipe(datasets, run=None):
     data = {"model": {"arch": "blip2_opt", "model_type": "tiny", "image_size": 16},
             "datasets": datasets, "run": {"batch_size_train": 2, **(run or {})}}

@@ -29,7 +29,7 @@ sampler never repeats an index. Contract, for ``N`` samples and ``R`` ranks:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -113,6 +113,17 @@ class ExactDistributedSampler(Sampler[int]):
             return deal_chunks(order, R, self.rank, self.chunk)
         return order[self.rank::R]
 
+    def epoch_order_with_copies(self) -> Tuple[List[int], List[int]]:
+        """``epoch_order()`` and, per position, how many times its index was drawn earlier in this epoch
+        (over all ranks): 0 everywhere here, as every index is drawn once."""
+        order = self.epoch_order()
+        return order, [0] * len(order)
+
+    def iter_with_copies(self) -> Iterator[Tuple[int, int]]:
+        """``(index, copy)`` from ``start`` on: the per-sample seed tells copies of a sample apart."""
+        order, copies = self.epoch_order_with_copies()
+        return zip(order[self.start:], copies[self.start:])
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_order()[self.start:])
 
@@ -185,16 +196,31 @@ class MixedDistributedSampler(ExactDistributedSampler):
             out += perm[lo:hi]
         return out
 
-    def epoch_order(self) -> List[int]:
+    def _picks(self) -> List[int]:
+        """The epoch's picks over all ranks, in order."""
         picks: List[int] = []
         for d, (off, c) in enumerate(zip(self.offsets, self.counts)):
             picks += [off + i for i in self._stream(d, self.epoch * c, c)]
-        N, R = len(picks), self.num_replicas
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            picks = [picks[i] for i in torch.randperm(N, generator=g).tolist()]
-        return deal_chunks(picks, R, self.rank, self.chunk)
+            picks = [picks[i] for i in torch.randperm(len(picks), generator=g).tolist()]
+        return picks
+
+    def epoch_order(self) -> List[int]:
+        return deal_chunks(self._picks(), self.num_replicas, self.rank, self.chunk)
+
+    def epoch_order_with_copies(self) -> Tuple[List[int], List[int]]:
+        """A dataset drawn more often than it has samples repeats them within the epoch: copy ``k`` of an
+        index is its ``k``-th repeat in the epoch's order, the same whatever the number of ranks."""
+        picks = self._picks()
+        seen: Dict[int, int] = {}
+        copies = []
+        for i in picks:
+            copies.append(seen.get(i, 0))
+            seen[i] = copies[-1] + 1
+        R, r, c = self.num_replicas, self.rank, self.chunk
+        return deal_chunks(picks, R, r, c), deal_chunks(copies, R, r, c)
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(super().state_dict(), counts=list(self.counts), lengths=list(self.lengths))

@@ -1,10 +1,12 @@
-"""Per-sample seeding: augmentation as a pure function of (seed, epoch, sample index).
+"""Per-sample seeding: augmentation as a pure function of (seed, epoch, sample index, copy).
 
 With several DataLoader workers, which worker draws which sample depends on where
 the epoch started; a run resumed mid-epoch would therefore see other random crops
 than the uninterrupted run. Seeding every sample from (seed, epoch, index) makes the
 augmentation independent of workers and of the resume point, so a resumed run
-reproduces the original exactly.
+reproduces the original exactly. ``copy`` counts the repeats of a sample within an
+epoch (a dataset oversampled by ``run.train_dataset_ratios``), so each repeat gets
+its own augmentation; it is 0 otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ import torch
 from engine.data.errors import ImageReadError
 
 
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
+    """A fixed mixing of the numbers (no Python hash(): it is salted per process)."""
+    return (seed * 1_000_003 + epoch * 10_007 + int(index) * 7 + int(copy) * 104_729 + 12345) % (2**31 - 1)
+
+
 class SeededSampler(torch.utils.data.Sampler):
     """Wraps an index sampler; yields ``(index, sample_seed)``."""
 
@@ -26,9 +33,10 @@ class SeededSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        for idx in self.sampler:
-            # A fixed mixing of the three numbers (no Python hash(): it is salted per process).
-            yield idx, (self.seed * 1_000_003 + self.epoch * 10_007 + int(idx) * 7 + 12345) % (2**31 - 1)
+        with_copies = getattr(self.sampler, "iter_with_copies", None)
+        pairs = with_copies() if with_copies is not None else ((idx, 0) for idx in self.sampler)
+        for idx, copy in pairs:
+            yield idx, sample_seed(self.seed, self.epoch, idx, copy)
 
     def __len__(self) -> int:
         return len(self.sampler)
