@@ -335,6 +335,11 @@ def coerce(value: Any, tp, key: str, problems: List[Problem]) -> Any:
     return value
 
 
+def _nullable(tp) -> bool:
+    """True for ``Optional[...]`` (and Any): null is a value of the key, not "unset"."""
+    return tp is Any or (typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp))
+
+
 def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Problem],
                     ignored: Optional[Dict[str, str]] = None):
     """Instantiate ``cls`` from a mapping, recording unknown keys, missing required keys and type errors."""
@@ -350,6 +355,8 @@ def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Probl
             problems.append(Problem(path, f"unknown key{_suggest(key, fields)} "
                                           f"(valid keys: {', '.join(fields)})"))
             continue
+        if value is None and not _nullable(hints[key]):
+            continue  # null unsets a key: its default applies (a required key is then reported missing)
         kwargs[key] = coerce(value, hints[key], path, problems)
     for name, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -395,7 +402,10 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 
 def apply_options(data: Dict[str, Any], options: List[str], problems: List[Problem]) -> None:
-    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars/lists."""
+    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars/lists.
+
+    ``key=null`` (or ``key=~``) unsets a key: an optional key becomes null, any other key takes its default.
+    """
     for opt in options or []:
         if "=" not in opt:
             problems.append(Problem(opt, "an option must look like section.key=value, e.g. run.init_lr=2e-5"))

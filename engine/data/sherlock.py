@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from engine.registry import DATASETS
 
+from .errors import DatasetError
 from .processors import BlipCaptionProcessor
 from .records import (DirIndex, RecordDataset, config_from, identity, is_number, parse_boxes, read_json_list,
                       resolve)
@@ -62,9 +63,10 @@ class SherlockConfig:
     check_images: bool = field(default=True, metadata={
         "help": "Check at start-up that every record's image file exists."})
     synthetic: Optional[int] = field(default=None, metadata={
-        "help": "Generate the tiny procedural Sherlock with this many training records into root if absent."})
+        "help": "Generate the tiny procedural Sherlock with this many training records into root if absent; "
+                "null or 0 = use the data that is in root."})
     synthetic_val: int = field(default=100, metadata={
-        "help": "Validation records of the generated dataset (with synthetic)."})
+        "help": "Validation records of the generated dataset (with synthetic; null = the default)."})
     synthetic_seed: int = field(default=0, metadata={
         "help": "Seed of the generated dataset (with synthetic)."})
     synthetic_image_size: int = field(default=96, metadata={
@@ -264,7 +266,10 @@ def prepare_sherlock(**options: Any) -> None:
     """Generate the synthetic dataset if the recipe asks for one (``synthetic: N``) and it is not there yet.
     The trainer runs this on rank 0 before the other ranks build the dataset (engine/build.py)."""
     cfg = config_from(SherlockConfig, options, "sherlock")
-    if cfg.synthetic is not None:
+    if cfg.synthetic is not None and cfg.synthetic < 0:
+        raise DatasetError(f"datasets.sherlock.synthetic={cfg.synthetic}: give a number of training records to "
+                           f"generate, or null (or 0) to use the data in root={cfg.root!r}")
+    if cfg.synthetic:  # 0 reads as "no synthetic data", like null
         make_tiny_sherlock(cfg.root, num_train=cfg.synthetic, num_val=cfg.synthetic_val,
                            seed=cfg.synthetic_seed, image_size=cfg.synthetic_image_size)
 

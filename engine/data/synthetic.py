@@ -217,8 +217,9 @@ def make_tiny_sherlock(root: str, num_train: int = 1200, num_val: int = 100, see
             if os.path.exists(path) and not os.path.exists(os.path.join(path, OWNER_MARK)):
                 raise DatasetError(
                     f"cannot generate the synthetic Sherlock in {root}: {path} exists and was not "
-                    f"made by the generator (real data?). Fix: point root at an empty or new folder, "
-                    f"or unset synthetic to use the data that is there.")
+                    f"made by the generator (real data?). Fix: to use the data that is there, add "
+                    f"--options datasets.sherlock.synthetic=null (or delete `synthetic:` from the recipe's "
+                    f"datasets.sherlock); to generate, point root at an empty or new folder.")
         log.info("generating the synthetic Sherlock (%d train, %d val) in %s", num_train, num_val, root)
         tmp = tempfile.mkdtemp(prefix=".tiny_sherlock-", dir=root)
         try:
