@@ -32,6 +32,8 @@ import torch
 import yaml
 from torch import nn
 
+from engine import checkpoint_paths as locate
+
 logger = logging.getLogger(__name__)
 
 ENGINE_STATE = "engine_state.json"
@@ -135,30 +137,12 @@ def _staged(out_dir: str, force: bool):
 
 
 def resolve_checkpoint(path: str) -> str:
-    """The real folder of one complete checkpoint.
-
-    `path` may be a checkpoint (``.../checkpoints/<tag>``, or the ``best`` link), the ``checkpoints``
-    folder or a run's output_dir (both: the checkpoint ``latest`` names).
-    """
-    if not os.path.exists(path):
-        raise ExportError(f"{path} does not exist")
-    for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest) and not os.path.isfile(os.path.join(root, ENGINE_STATE)):
-            with open(latest, "r", encoding="utf-8") as f:
-                tag = f.read().strip()
-            path = os.path.join(root, tag)
-            break
-    real = os.path.realpath(path)
-    if not os.path.isdir(real):
-        raise ExportError(f"{path} is not a folder")
-    if not os.path.isfile(os.path.join(real, COMPLETE)):
-        found = ", ".join(sorted(os.listdir(real))[:8]) or "nothing"
-        raise ExportError(
-            f"{path} is not a complete checkpoint of this engine: expected a folder with {COMPLETE}, {ENGINE_STATE} "
-            f"and DeepSpeed's *_model_states.pt / *_optim_states.pt, found {found}. (An interrupted save has no "
-            f"{COMPLETE}; use the checkpoint that checkpoints/latest names.)")
-    return real
+    """The real folder of one complete checkpoint: a checkpoint folder, ``checkpoints/latest``,
+    ``checkpoints/best``, the ``checkpoints`` folder or a run's output_dir (engine/trainer/locate.py)."""
+    try:
+        return locate.resolve_checkpoint(path).folder
+    except locate.CheckpointNotFound as e:
+        raise ExportError(str(e)) from None
 
 
 def is_checkpoint(path: str) -> bool:

@@ -550,3 +550,26 @@ def test_training_builds_in_its_precision_the_weights_deepspeed_would_cast_to(ar
         buffers = dict(half.named_buffers())
         for name, b in full.named_buffers():
             assert buffers[name].dtype == b.dtype and torch.equal(buffers[name], b), name
+
+
+def test_tools_take_the_latest_pointer_the_best_link_and_the_run_folder(zero2_run, tmp_path, capsys):
+    ckpts = zero2_run / "checkpoints"
+    tag = (ckpts / "latest").read_text().strip()
+    real = (ckpts / tag).resolve()
+    os.symlink(tag, ckpts / "best.test")  # a link like checkpoints/best
+    try:
+        assert tool("export_hf").main([str(ckpts / "latest"), str(tmp_path / "via_latest")]) == 0
+        out = capsys.readouterr().out
+        assert f"checkpoint {ckpts / 'latest'} -> {real} (the checkpoint 'latest' names)" in out
+        assert json.loads((tmp_path / "via_latest" / "export_info.json").read_text())["source_checkpoint"] == str(real)
+        assert tool("merge_lora").main([str(zero2_run), str(tmp_path / "via_run")]) == 0
+        assert f"checkpoint {zero2_run} -> {real}" in capsys.readouterr().out
+        assert load_file(tmp_path / "via_run" / "model.safetensors").keys() == \
+            load_file(tmp_path / "via_latest" / "model.safetensors").keys()
+        universal = tool("to_universal")
+        assert universal.main([str(ckpts / "best.test")]) == 0
+        assert f"-> {real} ('best.test' links to it)" in capsys.readouterr().out
+        assert (real / "universal").is_dir()
+    finally:
+        os.remove(ckpts / "best.test")
+        shutil.rmtree(real / "universal", ignore_errors=True)

@@ -3,8 +3,9 @@ r"""Export a checkpoint of this engine as a Hugging Face folder.
     python tools/export_hf.py runs/opt27b/checkpoints/best out/hf-model
     python tools/export_hf.py runs/vicuna7b-lora/checkpoints/epoch2 out/vicuna --keep-adapter
 
-CKPT_DIR is a checkpoint (checkpoints/<tag> or checkpoints/best), or a run's output_dir / checkpoints
-folder (then the checkpoint `latest` names). DeepSpeed's zero_to_fp32 consolidates the ZeRO-2/3
+CKPT_DIR is a checkpoint folder (checkpoints/<tag>), the pointer checkpoints/latest, the link
+checkpoints/best, or a run's output_dir / checkpoints folder (then its latest complete checkpoint); the
+checkpoint it resolved to is printed first. DeepSpeed's zero_to_fp32 consolidates the ZeRO-2/3
 shards; the model is rebuilt from the recipe saved with the checkpoint and loaded strictly. OUT_DIR gets
 config.json + model.safetensors, the tokenizer and processor (AutoProcessor loads it; InstructBLIP:
 qformer_tokenizer/), recipe.yaml (the training recipe, with model.pretrained pointing at OUT_DIR) and
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint folder (or a run's output_dir: its latest)")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR",
+                   help="checkpoint folder, checkpoints/latest, checkpoints/best, or a run folder (its latest)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must not exist or be empty (see --force)")
     p.add_argument("--keep-adapter", action="store_true",
                    help="with LoRA: write the base weights and the peft adapter in OUT_DIR/adapter/ instead of "
@@ -41,11 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.checkpoint_paths import resolve_checkpoint
     from engine.config import ConfigError
     from engine.export import ExportError, export_checkpoint
 
     try:
-        info = export_checkpoint(args.ckpt_dir, args.out_dir, merge=not args.keep_adapter, dtype=args.dtype,
+        ckpt = resolve_checkpoint(args.ckpt_dir)
+        print(ckpt.describe(), flush=True)
+        info = export_checkpoint(ckpt.folder, args.out_dir, merge=not args.keep_adapter, dtype=args.dtype,
                                  force=args.force)
     except (ExportError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

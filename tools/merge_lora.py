@@ -5,7 +5,8 @@ r"""Merge LoRA adapters into their base model and write a Hugging Face folder.
         --base /data/hf/instructblip-vicuna-7b
 
 CKPT_OR_ADAPTER is
-  * a checkpoint of this engine (checkpoints/<tag>): its ZeRO shards are consolidated (fp32) and the
+  * a checkpoint of this engine (checkpoints/<tag>, checkpoints/latest, checkpoints/best, or the run
+    folder for its latest complete checkpoint; the one resolved is printed): its ZeRO shards are consolidated (fp32) and the
     adapters merged into the weights (as tools/export_hf.py does by default);
   * an adapter folder (a checkpoint's adapter/, or OUT_DIR/adapter of `export_hf.py --keep-adapter`):
     loaded with peft onto the base and merged with merge_and_unload. The base is --base (a Hugging Face
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="CKPT_OR_ADAPTER", help="engine checkpoint folder or adapter folder")
+    p.add_argument("source", metavar="CKPT_OR_ADAPTER", help="engine checkpoint (folder, checkpoints/latest, checkpoints/best or run folder) or adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must not exist or be empty (see --force)")
     p.add_argument("--base", help="adapter folder only: Hugging Face folder of the base model "
                                   "(default: the recipe's model.pretrained)")
@@ -38,24 +39,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.checkpoint_paths import CheckpointNotFound, resolve_checkpoint
     from engine.config import ConfigError, load_yaml
-    from engine.export import ExportError, export_checkpoint, is_adapter_folder, is_checkpoint, merge_adapter
+    from engine.export import ExportError, export_checkpoint, is_adapter_folder, merge_adapter
 
     try:
-        if is_checkpoint(args.source):
-            if args.base or args.recipe:
-                raise ExportError("--base and --recipe apply to adapter folders; a checkpoint carries its own")
-            info = export_checkpoint(args.source, args.out_dir, merge=True, dtype=args.dtype, force=args.force)
-            if "lora" not in info:
-                print(f"note: {args.source} has no LoRA adapters; exported the weights as they are",
-                      file=sys.stderr)
-        elif is_adapter_folder(args.source):
+        if is_adapter_folder(args.source):
             recipe = load_yaml(args.recipe) if args.recipe else None
             info = merge_adapter(args.source, args.out_dir, base=args.base, recipe=recipe, dtype=args.dtype,
                                  force=args.force)
         else:
-            raise ExportError(f"{args.source} is neither a complete engine checkpoint (with COMPLETE) nor an "
-                              f"adapter folder (with adapter_info.json or adapter_config.json)")
+            try:
+                ckpt = resolve_checkpoint(args.source)
+            except CheckpointNotFound as e:
+                raise ExportError(f"{e}; nor is it an adapter folder (with adapter_info.json or "
+                                  f"adapter_config.json)") from None
+            print(ckpt.describe(), flush=True)
+            if args.base or args.recipe:
+                raise ExportError("--base and --recipe apply to adapter folders; a checkpoint carries its own")
+            info = export_checkpoint(ckpt.folder, args.out_dir, merge=True, dtype=args.dtype, force=args.force)
+            if "lora" not in info:
+                print(f"note: {ckpt.folder} has no LoRA adapters; exported the weights as they are",
+                      file=sys.stderr)
     except (ExportError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

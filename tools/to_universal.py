@@ -23,31 +23,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT",
-                   help="a checkpoint folder (run/checkpoints/<tag>), or run/checkpoints/latest for the newest")
+                   help="a checkpoint folder (run/checkpoints/<tag>), run/checkpoints/latest, run/checkpoints/best, "
+                        "or the run folder (its latest complete checkpoint)")
     p.add_argument("--workers", type=int, default=1, help="processes that extract and merge the shards")
     return p.parse_args(argv)
 
 
-def resolve(path: str) -> str:
-    """``.../checkpoints/latest`` (the pointer file) names the newest complete checkpoint."""
-    from engine.trainer.checkpoint import latest_tag
-
-    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
-        root = os.path.dirname(os.path.abspath(path))
-        tag = latest_tag(root)
-        if tag is None:
-            raise FileNotFoundError(f"{path} names no complete checkpoint")
-        return os.path.join(root, tag)
-    return path
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.checkpoint_paths import resolve_checkpoint
     from engine.trainer.checkpoint import UnsafeFileError
     from engine.trainer.reshape import convert_to_universal, saved_layout
 
     try:
-        ckpt = resolve(args.checkpoint)
+        resolved = resolve_checkpoint(args.checkpoint)
+        print(resolved.describe(), flush=True)
+        ckpt = resolved.folder
         layout = saved_layout(ckpt)
         start = time.perf_counter()
         out = convert_to_universal(ckpt, workers=args.workers)
