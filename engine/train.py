@@ -14,8 +14,11 @@ import os
 import shutil
 import socket
 import sys
+import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import List, Tuple
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher does this): import the package, not sibling files.
@@ -91,6 +94,36 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
     return None
 
 
+class StartupClock:
+    """How long each start-up stage took, for one log line before the first step (a slow start shows its cause)."""
+
+    def __init__(self):
+        self.stages: List[Tuple[str, float]] = []
+        self._mark = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start, start)
+
+    def add(self, name: str, seconds: float, start: float) -> None:
+        gap = start - self._mark  # time between timed stages (imports, logging set-up) is counted, not lost
+        if gap > 0.05:
+            self.stages.append(("other", gap))
+        self.stages.append((name, seconds))
+        self._mark = start + seconds
+
+    def report(self) -> str:
+        merged = {}
+        for name, sec in self.stages:
+            merged[name] = merged.get(name, 0.0) + sec
+        parts = ", ".join(f"{name} {sec:.1f} s" for name, sec in merged.items())
+        return f"start-up took {sum(merged.values()):.1f} s: {parts}"
+
+
 class UsageError(Exception):
     """A problem with the recipe, the paths or the data, found before training: exit code 2."""
 
@@ -134,20 +167,22 @@ def _exit_now(code: int) -> int:
 
 def run(args) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    clock = StartupClock()
 
     # 1. Config: every problem is reported before anything heavy is imported or built.
-    recipe = load_recipe(args.recipe, args.options)
-    r = recipe.run
-    resume_from = prepare_output_dir(recipe, args.resume, rank)
-    resume_notes = []
-    if resume_from:
-        from engine.trainer.resume import check_resume
+    with clock.stage("config"):
+        recipe = load_recipe(args.recipe, args.options)
+        r = recipe.run
+        resume_from = prepare_output_dir(recipe, args.resume, rank)
+        resume_notes = []
+        if resume_from:
+            from engine.trainer.resume import check_resume
 
-        problems, resume_notes = check_resume(resume_from, recipe, world)
-        if r.evaluate:  # evaluation only needs the same model
-            problems = [p for p in problems if "cannot change" in p.message]
-        if problems:
-            raise ConfigError(problems, f"{args.recipe} (resuming {resume_from})")
+            problems, resume_notes = check_resume(resume_from, recipe, world)
+            if r.evaluate:  # evaluation only needs the same model
+                problems = [p for p in problems if "cannot change" in p.message]
+            if problems:
+                raise ConfigError(problems, f"{args.recipe} (resuming {resume_from})")
 
     import deepspeed
     import torch
@@ -169,7 +204,8 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     # gloo on CPU, nccl on GPU; rendezvous from the launcher's env. The timeout bounds every collective, so a
     # rank that dies without the launcher noticing fails the others instead of leaving them waiting forever.
-    init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
+    with clock.stage("distributed init"):
+        init_distributed(timeout=timedelta(seconds=r.dist_timeout_s))
     topo = Topology.from_env()
     if rank == 0:
         os.makedirs(r.output_dir, exist_ok=True)
@@ -203,7 +239,8 @@ def run(args) -> int:
             # The conversion of a large checkpoint can outlast run.dist_timeout_s: the others wait on a group
             # with a long timeout.
             wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=6))
-            universal = prepare_universal(resume_from, rank, wait_group=wait)
+            with clock.stage("universal conversion"):
+                universal = prepare_universal(resume_from, rank, wait_group=wait)
             ds_config = fill_ds_config(recipe, world, on_cpu=on_cpu, load_universal=True)
     deepspeed.runtime.utils.set_random_seed(r.seed)
 
@@ -218,7 +255,8 @@ def run(args) -> int:
     from engine.models.blip2 import CheckpointMismatchError
 
     try:  # built in the run's precision: DeepSpeed would cast an fp32 build anyway (half the host memory)
-        model = build_model(recipe, dtype=DTYPES[r.precision])
+        with clock.stage("model build/load"):
+            model = build_model(recipe, dtype=DTYPES[r.precision])
     except CheckpointMismatchError as e:
         raise UsageError(str(e)) from None
     for part, n in model.parameter_summary().items():
@@ -226,10 +264,11 @@ def run(args) -> int:
 
     # 3. Data. Augmentation randomness differs per rank; model init above did not.
     torch.manual_seed(r.seed + rank)
-    if rank == 0:
-        prepare_datasets(recipe)
-    torch.distributed.barrier()
-    datasets = build_datasets(recipe)
+    with clock.stage("datasets"):
+        if rank == 0:
+            prepare_datasets(recipe)
+        torch.distributed.barrier()
+        datasets = build_datasets(recipe)
     if r.evaluate:
         micro = 1
     else:
@@ -243,23 +282,28 @@ def run(args) -> int:
     # 4. DeepSpeed.
     steps_per_epoch = micro // r.accum_grad_iters
     total = total_optimizer_steps(micro, r)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
-        lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
-    )
-    trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
-                      output_dir=r.output_dir)
+    with clock.stage("DeepSpeed init"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
+            lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
+        )
+        trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
+                          output_dir=r.output_dir)
 
     # 5. Train (or only evaluate), then save.
     try:
         if r.evaluate:
             if resume_from:
-                trainer.load_weights(resume_from)
+                with clock.stage("checkpoint load"):
+                    trainer.load_weights(resume_from)
+            logger.info("%s", clock.report())
             for split in list(r.valid_splits) + list(r.test_splits):
                 trainer.evaluate_split(split, "eval")
         else:
             if resume_from:
-                trainer.resume(resume_from, universal=universal)
+                with clock.stage("checkpoint load"):
+                    trainer.resume(resume_from, universal=universal)
+            logger.info("%s", clock.report())
             trainer.fit()
     finally:
         trainer.close()

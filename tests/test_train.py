@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -39,6 +40,13 @@ def test_single_process_train_with_evaluation_and_best(tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "epoch1"
     assert glob.glob(str(run / "tb" / "events.out.tfevents.*"))
     assert (run / "config.yaml").exists() and (run / "train.log").exists()
+    # The start-up report: each stage's time, logged before the first step.
+    log = (run / "train.log").read_text()
+    report = re.search(r"start-up took ([\d.]+) s: (.*)", log)
+    assert report and log.index("start-up took") < log.index("step 1 epoch")
+    stages = dict(part.rsplit(" ", 2)[:2] for part in report.group(2).split(", "))  # "name 1.2 s"
+    assert {"config", "distributed init", "model build/load", "datasets", "DeepSpeed init"} <= set(stages)
+    assert sum(map(float, stages.values())) == pytest.approx(float(report.group(1)), abs=0.1 * len(stages))
 
 
 def test_refuses_to_overwrite_a_previous_run(tmp_path):
