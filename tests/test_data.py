@@ -182,7 +182,7 @@ def test_schema_fields_have_help():
     SherlockConfig()  # every field has a default
 
 
-def test_sample_keys_and_text_modes(tiny_root):
+def test_sample_keys_and_text_modes(tiny_root, tmp_path):
     cap = BlipCaptionProcessor()
     rec = json.load(open(os.path.join(tiny_root, TRAIN)))[0]
     clue, inf = rec["inputs"]["clue"], rec["targets"]["inference"]
@@ -201,8 +201,11 @@ def test_sample_keys_and_text_modes(tiny_root):
     assert ds[0]["prompt"] == f"clue: {clue}. Inference: " and ds[0]["text_output"] == inf
 
     # the text processor cleans each free text; LAVIS's prompt of the processor leads the target
-    raw = {"clue": "A RED thing.", "inference": "Someone plays (a lot)!"}
-    ds.items[0] = ds.items[0]._replace(**raw)
+    def edit(recs):
+        recs[0]["inputs"]["clue"], recs[0]["targets"]["inference"] = "A RED thing.", "Someone plays (a lot)!"
+        return recs
+
+    ds = _build(_copy_with(tiny_root, tmp_path, edit)[0], text_processor=None, text="clue_in_prompt")
     ds.text_processor = BlipCaptionProcessor(prompt="x ")
     ds.text = "clue_in_prompt"
     assert ds.annotation(0)["prompt"] == "clue: a red thing. Inference: "

@@ -9,15 +9,18 @@ official release and baselines.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from engine.registry import DATASETS
 
-from .errors import DatasetError
+from .errors import BadRecord, DatasetError
 from .processors import BlipCaptionProcessor
-from .records import (DirIndex, RecordDataset, config_from, identity, is_number, parse_boxes, read_json_list,
-                      resolve)
+from .records import RecordDataset, config_from, identity, is_number, parse_boxes, read_json_list, resolve
+from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 from .region import REGION_MODES, Box
 from .synthetic import make_tiny_sherlock
 
@@ -97,7 +100,7 @@ def load_records(file: str, split: str = "") -> List[Any]:
 
 
 class _Item(NamedTuple):
-    """What a sample needs of a record, checked and parsed once at start-up."""
+    """What a sample needs of a record (made on demand from the record columns)."""
 
     index: int          # position in the JSON file
     path: str
@@ -113,21 +116,30 @@ class _Item(NamedTuple):
         return self.instance_id
 
 
-def _parse_record(rec: Any, *, vcr_root: str, vg_root: str, need_clue: bool,
-                  files: Optional[DirIndex]) -> Tuple[Optional[dict], List[Tuple[str, str]]]:
-    """One record -> (fields, []) or (None, [(kind, problem), ...]); each problem says its fix."""
+#: Bump when the parsed columns change meaning: caches of older versions are parsed again.
+CACHE_VERSION = 1
+CLUE_PROBLEM = ("missing_target", "inputs.clue is missing or empty, and the text mode uses the clue "
+                                  "(fix: add the clue, or use text: inference)")
+
+
+def _parse_record(rec: Any) -> Tuple[dict, List[Tuple[str, str]]]:
+    """One record -> (fields, [(kind, problem), ...]); each problem says its fix. Independent of where the
+    images are and of the text mode (an empty clue is reported as CLUE_PROBLEM, which only counts when the
+    text mode uses the clue), so the result can be cached."""
     problems: List[Tuple[str, str]] = []
+    out = dict(instance_id="", image_id="", is_vg=False, boxes=[], clue="", inference="", split_idx=-1,
+               width=float("nan"), height=float("nan"))
     if not isinstance(rec, dict):
-        return None, [("malformed", f"is a JSON {type(rec).__name__}, not an object (fix: remove it)")]
+        return out, [("malformed", f"is a JSON {type(rec).__name__}, not an object (fix: remove it)")]
     inputs = rec.get("inputs")
     targets = rec.get("targets")
     iid = rec.get("instance_id")
     if not isinstance(iid, (str, int)) or isinstance(iid, bool) or iid == "":
         problems.append(("malformed", "instance_id is missing or empty (fix: give every record a unique "
                                       "instance_id)"))
+    else:
+        out["instance_id"] = str(iid)
     url = None
-    boxes: List[Box] = []
-    clue = ""
     if not isinstance(inputs, dict):
         problems.append(("malformed", "inputs is missing (fix: records need inputs.image.url, inputs.bboxes, "
                                       "inputs.clue)"))
@@ -141,36 +153,107 @@ def _parse_record(rec: Any, *, vcr_root: str, vg_root: str, need_clue: bool,
             problems.append(("malformed", "inputs.image.url is missing or empty (fix: give the image URL as in "
                                           "the release)"))
             url = None
+        if is_number(width) and is_number(height) and width > 0 and height > 0:
+            out["width"], out["height"] = float(width), float(height)
         boxes, box_problems = parse_boxes(inputs.get("bboxes"), "inputs.bboxes", size=(width, height),
                                           required=True)
+        out["boxes"] = boxes
         problems += box_problems
         clue = inputs.get("clue", "")
-        if not isinstance(clue, str):
-            clue = ""
-        if need_clue and not clue.strip():
-            problems.append(("missing_target", "inputs.clue is missing or empty, and the text mode uses the clue "
-                                               "(fix: add the clue, or use text: inference)"))
+        out["clue"] = clue.strip() if isinstance(clue, str) else ""
+        if not out["clue"]:
+            problems.append(CLUE_PROBLEM)
     inference = targets.get("inference") if isinstance(targets, dict) else None
     if not isinstance(targets, dict):
         problems.append(("missing_target", "targets is missing (fix: records need targets.inference)"))
     elif not isinstance(inference, str) or not inference.strip():
         problems.append(("missing_target", "targets.inference is missing or empty (fix: give the inference text "
                                            "or drop the record)"))
-    path = None
+    else:
+        out["inference"] = inference.strip()
     if url is not None:
         try:
-            path = url_to_path(url, vcr_root, vg_root)
+            url_to_path(url, "", "")
+            out["image_id"], out["is_vg"] = image_id_of(url), "VG_" in url
         except ValueError as e:
             problems.append(("malformed", f"{e} (fix: use the release's URLs, which end in <folder>/<file>.jpg)"))
-        if path is not None and files is not None and not files.exists(path):
-            problems.append(("missing_image", f"image file not found: {path} (fix: check root, vcr_root and "
-                                              f"vg_root, or download the image again)"))
-    if problems:
-        return None, problems
     split_idx = rec.get("split_idx", -1)
-    return dict(path=path, boxes=tuple(boxes), clue=clue.strip(), inference=inference.strip(),
-                instance_id=str(iid), image_id=image_id_of(url),
-                split_idx=int(split_idx) if is_number(split_idx) else -1), []
+    out["split_idx"] = int(split_idx) if is_number(split_idx) else -1
+    return out, problems
+
+
+def parse_columns(file: str, split: str = "") -> Tuple[dict, Dict[str, np.ndarray]]:
+    """Read a Sherlock file once into columns (see engine/data/store.py) plus the list of bad records."""
+    records = load_records(file, split)
+    n = len(records)
+    ids, image_ids, clues, inferences = [], [], [], []
+    is_vg = np.zeros(n, dtype=bool)
+    ok = np.zeros(n, dtype=bool)
+    split_idx = np.full(n, -1, dtype=np.int64)
+    size = np.full((n, 2), np.nan, dtype=np.float64)
+    box_off = np.zeros(n + 1, dtype=np.int64)
+    boxes: List[Box] = []
+    bad = []
+    for i, rec in enumerate(records):
+        f, problems = _parse_record(rec)
+        ids.append(f["instance_id"])
+        image_ids.append(f["image_id"])
+        clues.append(f["clue"])
+        inferences.append(f["inference"])
+        is_vg[i], split_idx[i] = f["is_vg"], f["split_idx"]
+        size[i] = (f["width"], f["height"])
+        boxes += f["boxes"]
+        box_off[i + 1] = len(boxes)
+        ok[i] = all(p == CLUE_PROBLEM for p in problems)
+        if not ok[i]:
+            rid = rec.get("instance_id") if isinstance(rec, dict) else None
+            bad.append([i, None if rid in (None, "") else str(rid), problems])
+        records[i] = None  # free each record once read: the peak stays near the JSON's own size
+    del records
+    columns = {"ok": ok, "is_vg": is_vg, "split_idx": split_idx, "size": size, "box_off": box_off,
+               "boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "id_hash": id_hashes(ids)}
+    for name, values in (("instance_id", ids), ("image_id", image_ids), ("clue", clues),
+                         ("inference", inferences)):
+        columns.update(text_columns(name, values))
+    return {"records": n, "bad": bad}, columns
+
+
+class _Records(Sequence):
+    """The dataset's items: rows of the record columns, made into :class:`_Item` when indexed."""
+
+    def __init__(self, cols: CachedColumns, rows: np.ndarray, vcr_root: str, vg_root: str):
+        self.cols, self.rows, self.vcr_root, self.vg_root = cols, rows, vcr_root, vg_root
+        c = cols.columns
+        self._ids, self._images = texts(c, "instance_id"), texts(c, "image_id")
+        self._clues, self._inferences = texts(c, "clue"), texts(c, "inference")
+
+    def __getstate__(self):
+        return {"cols": self.cols, "rows": self.rows, "vcr_root": self.vcr_root, "vg_root": self.vg_root}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def record(self, i: int) -> _Item:
+        """Record ``i`` of the file (not a row number)."""
+        c = self.cols.columns
+        lo, hi = c["box_off"][i], c["box_off"][i + 1]
+        image_id = self._images[i]
+        return _Item(index=i, path=os.path.join(self.vg_root if c["is_vg"][i] else self.vcr_root, image_id),
+                     boxes=tuple(tuple(b) for b in c["boxes"][lo:hi].tolist()), clue=self._clues[i],
+                     inference=self._inferences[i], instance_id=self._ids[i], image_id=image_id,
+                     split_idx=int(c["split_idx"][i]))
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.record(int(self.rows[k]))
+
+    def __iter__(self):
+        for i in self.rows.tolist():
+            yield self.record(i)
 
 
 class SherlockDataset(RecordDataset):
@@ -212,25 +295,95 @@ class SherlockDataset(RecordDataset):
 
     # -- loading and checks --------------------------------------------------
     def _load(self, max_records, max_bad_samples, check_images) -> None:
-        records = load_records(self.ann_file, self.split)
-        if max_records is not None:
-            records = records[: max(0, int(max_records))]
-        files = DirIndex() if check_images else None
+        # The file is parsed once into columns cached beside it; this start maps them (engine/data/store.py).
+        cols = cached_columns(self.ann_file, "sherlock", CACHE_VERSION,
+                              lambda: parse_columns(self.ann_file, self.split))
+        c, meta = cols.columns, cols.meta
+        total = meta["records"] if max_records is None else min(meta["records"], max(0, int(max_records)))
         need_clue = self.text != "inference"
-        items: List[_Item] = []
-        bad = []
-        for i, rec in enumerate(records):
-            fields, problems = _parse_record(rec, vcr_root=self.vcr_root, vg_root=self.vg_root,
-                                             need_clue=need_clue, files=files)
-            if fields is not None:
-                items.append(_Item(index=i, **fields))
-            else:
-                bad.append(self.bad(i, rec.get("instance_id") if isinstance(rec, dict) else None, problems))
+        ids = texts(c, "instance_id")
+        problems: Dict[int, List[Tuple[str, str]]] = {}
+        bad_ids: Dict[int, Optional[str]] = {}
+        for i, rid, probs in meta["bad"]:
+            if i < total:
+                problems[i] = [tuple(p) for p in probs if need_clue or tuple(p) != CLUE_PROBLEM]
+                bad_ids[i] = rid
+        keep = np.array(c["ok"][:total])
+        if need_clue:
+            empty = np.flatnonzero(keep & (texts(c, "clue").lengths()[:total] == 0))
+            keep[empty] = False
+            for i in empty.tolist():
+                problems[i] = [CLUE_PROBLEM]
         hints = []
-        if files is not None and files.missing > 0 and files.found == 0:
-            hints.append(f"No image was found: the images are looked up under vcr_root={self.vcr_root} "
-                         f"and vg_root={self.vg_root}; set root, vcr_root or vg_root. " + DOWNLOAD_HINT)
-        self.accept(items, bad, total=len(records), max_bad_samples=max_bad_samples, hints=hints)
+        if check_images:
+            missing, found = self._missing_images(cols, total)
+            for i in missing:
+                problems.setdefault(i, []).append((
+                    "missing_image", f"image file not found: {self._path(cols, i)} (fix: check root, vcr_root "
+                                     f"and vg_root, or download the image again)"))
+            keep[missing] = False
+            if missing and not found:
+                hints.append(f"No image was found: the images are looked up under vcr_root={self.vcr_root} "
+                             f"and vg_root={self.vg_root}; set root, vcr_root or vg_root. " + DOWNLOAD_HINT)
+        bad = [self.bad(i, bad_ids[i] if i in bad_ids else ids[i], problems[i]) for i in sorted(problems)]
+        self.records_cache = cols.path
+        self.accept(_Records(cols, np.flatnonzero(keep), self.vcr_root, self.vg_root), bad, total=total,
+                    max_bad_samples=max_bad_samples, hints=hints)
+
+    def _path(self, cols: CachedColumns, i: int) -> str:
+        root = self.vg_root if cols.columns["is_vg"][i] else self.vcr_root
+        return os.path.join(root, texts(cols.columns, "image_id")[i])
+
+    def _missing_images(self, cols: CachedColumns, total: int) -> Tuple[List[int], int]:
+        """Records (of the first ``total``) whose image file is not there, and how many are; each folder is
+        listed once."""
+        c = cols.columns
+        image_ids = texts(c, "image_id").all()[:total]
+        is_vg = c["is_vg"][:total].tolist()
+        listed: Dict[Tuple[bool, str], frozenset] = {}
+        missing, found = [], 0
+        for i, (image_id, vg) in enumerate(zip(image_ids, is_vg)):
+            if not image_id:
+                continue
+            folder, _, name = image_id.rpartition("/")
+            names = listed.get((vg, folder))
+            if names is None:
+                try:
+                    names = frozenset(os.listdir(os.path.join(self.vg_root if vg else self.vcr_root, folder)))
+                except OSError:
+                    names = frozenset()
+                listed[(vg, folder)] = names
+            if name in names:
+                found += 1
+            else:
+                missing.append(i)
+        return missing, found
+
+    def duplicate_ids(self) -> List[BadRecord]:
+        """A record per item whose instance_id an earlier item already has (found on the id hashes)."""
+        items: _Records = self.items
+        rows = items.rows
+        h = items.cols.columns["id_hash"][rows]
+        order = np.argsort(h, kind="stable")  # equal ids stay in file order: the first is the original
+        hs = h[order]
+        same = np.flatnonzero(hs[1:] == hs[:-1]) + 1
+        out = []
+        first_of = {}
+        for k in same.tolist():
+            j = k - 1
+            while j in first_of:
+                j = first_of[j]
+            first_of[k] = j
+        ids = texts(items.cols.columns, "instance_id")
+        for k, j in first_of.items():
+            a, b = int(rows[order[j]]), int(rows[order[k]])
+            sid = ids[b]
+            if sid != ids[a]:  # a hash collision, not a duplicate
+                continue
+            out.append((b, self.bad(b, sid, [("duplicate_id", f"{self.id_name} {sid} is also used by "
+                                                              f"{self.unit} {a} (fix: give every record its own "
+                                                              f"{self.id_name})")])))
+        return [b for _, b in sorted(out, key=lambda t: t[0])]
 
     # -- samples -------------------------------------------------------------
     def _texts(self, it: _Item) -> Tuple[str, str, str]:
