@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from .errors import KINDS, BadRecord, DatasetError, count_kinds, describe_counts
+from .errors import KINDS, WARNING_KINDS, BadRecord, DatasetError, count_kinds, describe_counts
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Report:
 
     splits: List[SplitSummary] = field(default_factory=list)
     bad: List[BadRecord] = field(default_factory=list)
+    #: Records kept with a warning (a box mostly outside the image); problems only with strict_boxes.
+    warnings: List[BadRecord] = field(default_factory=list)
     full_decode: bool = False
 
     @property
@@ -61,21 +63,35 @@ class Report:
         for s in self.splits:
             what = s.note or f"{s.records} records, {s.images} images"
             lines.append(f"  {s.dataset}/{s.split}: {s.file}: {what}")
+        if self.warnings:
+            lines.append(f"WARNINGS: {len(self.warnings)} records kept ({describe_counts(count_kinds(self.warnings))}"
+                         f"; strict_boxes: true counts them as bad)")
+            lines += _listing(self.warnings, show)
         if self.ok:
-            lines.append("OK: no problems found.")
+            lines.append("OK: no problems found." if not self.warnings else "OK: no problems found besides the "
+                                                                             "warnings.")
             return "\n".join(lines)
         lines.append(f"PROBLEMS: {len(self.bad)} bad records ({describe_counts(self.counts())})")
-        groups = self.by_kind()
-        for kind in [k for k in KINDS if k in groups] + sorted(set(groups) - set(KINDS)):
-            recs = groups[kind]
-            lines.append(f"{KINDS.get(kind, kind)}: {len(recs)}")
-            for b in recs[:show]:
-                text = "; ".join(t for k, t in b.problems if k == kind)
-                where = b.file if b.where == "file" else f"{b.file} {b.where} ({b.id_name} {b.id})"
-                lines.append(f"  - {where}: {text}")
-            if len(recs) > show:
-                lines.append(f"  ... and {len(recs) - show} more")
+        lines += _listing(self.bad, show)
         return "\n".join(lines)
+
+
+def _listing(records: List[BadRecord], show: int) -> List[str]:
+    groups: Dict[str, List[BadRecord]] = defaultdict(list)
+    for b in records:
+        for kind in dict.fromkeys(b.kinds):
+            groups[kind].append(b)
+    lines = []
+    for kind in [k for k in KINDS if k in groups] + sorted(set(groups) - set(KINDS)):
+        recs = groups[kind]
+        lines.append(f"{KINDS.get(kind, kind)}: {len(recs)}")
+        for b in recs[:show]:
+            text = "; ".join(t for k, t in b.problems if k == kind)
+            where = b.file if b.where == "file" else f"{b.file} {b.where} ({b.id_name} {b.id})"
+            lines.append(f"  - {where}: {text}")
+        if len(recs) > show:
+            lines.append(f"  ... and {len(recs) - show} more")
+    return lines
 
 
 def _splits(recipe) -> List[str]:
@@ -116,14 +132,17 @@ def check_recipe_datasets(recipe, full_decode: bool = False, log=None) -> Report
                 report.splits.append(SplitSummary(name, split, file, note=f"same file as {seen[file]}"))
                 continue
             seen[file] = split
-            refs = list(ds.image_refs()) if hasattr(ds, "image_refs") else []
+            images = len({r[2] for r in ds.image_refs()}) if hasattr(ds, "image_refs") else 0
             summary = SplitSummary(name, split, file, records=len(ds) + len(getattr(ds, "bad_records", [])),
-                                   images=len({r[2] for r in refs}))
+                                   images=images)
             report.splits.append(summary)
             report.bad += list(getattr(ds, "bad_records", []))
             if hasattr(ds, "duplicate_ids"):
                 report.bad += ds.duplicate_ids()
             if hasattr(ds, "verify_images"):
-                report.bad += ds.verify_images(decode=full_decode)
+                strict = getattr(ds, "strict_boxes", False)
+                for b in ds.verify_images(decode=full_decode):
+                    warning = not strict and all(k in WARNING_KINDS for k in b.kinds)
+                    (report.warnings if warning else report.bad).append(b)
     return report
 

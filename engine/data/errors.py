@@ -26,8 +26,13 @@ KINDS: Dict[str, str] = {
     "undecodable_image": "undecodable image",
     "bad_box": "malformed box",
     "box_outside": "box outside the image",
+    "box_mostly_outside": "box mostly outside the image",
     "duplicate_id": "duplicate id",
 }
+
+
+#: Kinds that are warnings unless the dataset asks for strictness (``strict_boxes``): the record is kept.
+WARNING_KINDS = ("box_mostly_outside",)
 
 
 class DatasetError(ValueError):
@@ -90,6 +95,21 @@ def format_problems(file: str, problems: Sequence[str], *, what: str = "records"
 def format_bad_records(file: str, bad: Sequence[BadRecord], *, fix: str = "", show: int = SHOW_FIRST) -> str:
     return format_problems(file, [str(b) for b in bad], fix=fix, show=show,
                            counts=describe_counts(count_kinds(bad)))
+
+
+def warn_records(file: str, records: Sequence[BadRecord], *, total: int, log: logging.Logger, fix: str,
+                 show: int = 3) -> None:
+    """One warning: how many of ``total`` records in ``file`` have a warning, the first ``show``, and ``fix``.
+    The records are kept."""
+    if not records:
+        return
+    lines = [f"{len(records)} of {total} records in {file} have warnings "
+             f"({describe_counts(count_kinds(records))}):"]
+    lines += [f"  - {b}" for b in records[:show]]
+    if len(records) > show:
+        lines.append(f"  ... and {len(records) - show} more")
+    lines.append(fix)
+    log.warning("%s", "\n".join(lines))
 
 
 def settle_bad_records(file: str, bad: Sequence[BadRecord], *, total: int, max_bad_samples: int,

@@ -18,6 +18,7 @@ import numbers
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -143,6 +144,30 @@ def box_outside(box: Box, size: Tuple[int, int]) -> bool:
     return l >= W or t >= H or l + w <= 0 or t + h <= 0
 
 
+#: A box with less than this share of its area inside the image is reported (a small overhang is clipped quietly).
+MOSTLY_OUTSIDE = 0.5
+
+
+def inside_fraction(boxes: np.ndarray, width, height) -> np.ndarray:
+    """Share of each box's area (``[k, 4]`` left, top, width, height) inside a ``width`` x ``height`` image;
+    ``width``/``height`` may be arrays of one size per box (NaN where unknown gives NaN)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    l, t, w, h = boxes.T
+    iw = np.clip(np.minimum(l + w, width) - np.maximum(l, 0.0), 0.0, None)
+    ih = np.clip(np.minimum(t + h, height) - np.maximum(t, 0.0), 0.0, None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return iw * ih / (w * h)
+
+
+def mostly_outside_problem(k: int, box: Box, fraction: float, width, height, where: str = "") -> Tuple[str, str]:
+    """The ``box_mostly_outside`` problem of box ``k`` (a warning unless the dataset is strict about boxes)."""
+    l, t, w, h = box
+    return ("box_mostly_outside",
+            f"box {k} = ({l:g}, {t:g}, {w:g}, {h:g}) has {100 * fraction:.1f}% of its area inside the "
+            f"{width:g}x{height:g} image{where} (fix: correct the box or the image size; training clips it to "
+            f"the image)")
+
+
 def config_from(schema, options: Dict[str, Any], dataset: str):
     """Instantiate a dataset's schema dataclass from builder keyword arguments; unknown keys say "did you mean"."""
     names = [f.name for f in dataclasses.fields(schema)]
@@ -190,6 +215,10 @@ class RecordDataset(Dataset):
         self.items: List[Any] = []
         #: Records skipped at construction (within max_bad_samples); tools/check_dataset.py reports them.
         self.bad_records: List[BadRecord] = []
+        #: Records kept with a warning at construction (e.g. a box mostly outside the image).
+        self.warnings: List[BadRecord] = []
+        #: Count a box mostly outside the image as a bad record instead of a warning.
+        self.strict_boxes = False
 
     @property
     def log(self) -> logging.Logger:
@@ -239,7 +268,9 @@ class RecordDataset(Dataset):
         """Open every image (``decode``: decode it fully) and check the boxes against its real size.
 
         Reads the file headers (and with ``decode`` all the pixels): for
-        ``tools/check_dataset.py``, not start-up. One bad record per problem found.
+        ``tools/check_dataset.py``, not start-up. One bad record per problem found;
+        a box with less than half its area inside the image is a ``box_mostly_outside``
+        record (a warning unless ``strict_boxes``).
         """
         out: List[BadRecord] = []
         sizes: Dict[str, Any] = {}
@@ -266,6 +297,12 @@ class RecordDataset(Dataset):
                 out.append(self.bad(index, sid, [(
                     "box_outside", f"box(es) {outside} lie outside the {got[0]}x{got[1]} image {path} "
                                    f"(size read from the file; fix: correct the boxes)")]))
+            elif boxes:
+                frac = inside_fraction(np.array(boxes), *got)
+                mostly = [mostly_outside_problem(k, b, f, *got, where=f" {path} (size read from the file)")
+                          for k, (b, f) in enumerate(zip(boxes, frac.tolist())) if f < MOSTLY_OUTSIDE]
+                if mostly:
+                    out.append(self.bad(index, sid, mostly))
         return out
 
     # -- samples -------------------------------------------------------------

@@ -17,9 +17,10 @@ import numpy as np
 
 from engine.registry import DATASETS
 
-from .errors import BadRecord, DatasetError
+from .errors import BadRecord, DatasetError, warn_records
 from .processors import BlipCaptionProcessor
-from .records import RecordDataset, config_from, identity, is_number, parse_boxes, read_json_list, resolve
+from .records import (MOSTLY_OUTSIDE, RecordDataset, config_from, identity, inside_fraction, is_number,
+                      mostly_outside_problem, parse_boxes, read_json_list, resolve)
 from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 from .region import REGION_MODES, Box
 from .synthetic import make_tiny_sherlock
@@ -65,6 +66,9 @@ class SherlockConfig:
         "help": "Skip up to this many bad records (counted in a warning) instead of failing; 0 fails on any."})
     check_images: bool = field(default=True, metadata={
         "help": "Check at start-up that every record's image file exists."})
+    strict_boxes: bool = field(default=False, metadata={
+        "help": "Count a record whose box has more than half its area outside the image as bad (skipped within "
+                "max_bad_samples, else an error); off: listed in a warning, and the box clipped to the image."})
     synthetic: Optional[int] = field(default=None, metadata={
         "help": "Generate the tiny procedural Sherlock with this many training records into root if absent; "
                 "null or 0 = use the data that is in root."})
@@ -284,13 +288,14 @@ class SherlockDataset(RecordDataset):
                  text_processor: Optional[Callable] = None, prompt: str = "", split: str = "train",
                  is_train: bool = False, region: str = "highlight", text: str = "inference",
                  flip: bool = False, crop_margin: float = 0.1, max_records: Optional[int] = None,
-                 max_bad_samples: int = 0, check_images: bool = True):
+                 max_bad_samples: int = 0, check_images: bool = True, strict_boxes: bool = False):
         if text not in TEXT_MODES:
             raise ValueError(f"text={text!r}: choose one of {', '.join(TEXT_MODES)}")
         super().__init__(ann_file, vis_processor=vis_processor, text_processor=text_processor, prompt=prompt,
                          split=split, is_train=is_train, region=region, flip=flip, crop_margin=crop_margin)
         self.vcr_root, self.vg_root = vcr_root, vg_root
         self.text = text
+        self.strict_boxes = strict_boxes
         self._load(max_records, max_bad_samples, check_images)
 
     # -- loading and checks --------------------------------------------------
@@ -325,10 +330,41 @@ class SherlockDataset(RecordDataset):
             if missing and not found:
                 hints.append(f"No image was found: the images are looked up under vcr_root={self.vcr_root} "
                              f"and vg_root={self.vg_root}; set root, vcr_root or vg_root. " + DOWNLOAD_HINT)
+        warnings = []
+        for i, probs in self._mostly_outside(cols, keep).items():
+            if self.strict_boxes:
+                problems[i] = probs
+                keep[i] = False
+            else:
+                warnings.append(self.bad(i, ids[i], probs))
         bad = [self.bad(i, bad_ids[i] if i in bad_ids else ids[i], problems[i]) for i in sorted(problems)]
+        #: The record cache this dataset maps (None when it could not be written).
         self.records_cache = cols.path
         self.accept(_Records(cols, np.flatnonzero(keep), self.vcr_root, self.vg_root), bad, total=total,
                     max_bad_samples=max_bad_samples, hints=hints)
+        self.warnings = warnings
+        warn_records(self.ann_file, warnings, total=total, log=self.log,
+                     fix="They are kept, their boxes clipped to the image (sizes from the records' "
+                         "inputs.image.width/height). Fix the boxes, or set strict_boxes: true to count such "
+                         "records as bad (skipped within max_bad_samples). tools/check_dataset.py lists them all.")
+
+    def _mostly_outside(self, cols: CachedColumns, keep: np.ndarray) -> Dict[int, List[Tuple[str, str]]]:
+        """Kept records with a box less than half inside the image (sizes from the records) -> problems."""
+        c = cols.columns
+        total = len(keep)
+        off = c["box_off"][:total + 1]
+        boxes = c["boxes"][:off[-1]]
+        owner = np.repeat(np.arange(total), np.diff(off))
+        size = c["size"][:total]
+        frac = inside_fraction(boxes, size[owner, 0], size[owner, 1])
+        flagged = np.zeros(total, dtype=bool)
+        flagged[owner[frac < MOSTLY_OUTSIDE]] = True  # NaN (size unknown) compares False
+        out = {}
+        for i in np.flatnonzero(flagged & keep).tolist():
+            W, H = size[i].tolist()
+            out[i] = [mostly_outside_problem(k, tuple(boxes[j].tolist()), float(frac[j]), W, H)
+                      for k, j in enumerate(range(off[i], off[i + 1])) if frac[j] < MOSTLY_OUTSIDE]
+        return out
 
     def _path(self, cols: CachedColumns, i: int) -> str:
         root = self.vg_root if cols.columns["is_vg"][i] else self.vcr_root
@@ -444,4 +480,4 @@ def build_sherlock(*, split: str, is_train: bool, vis_processor: Callable,
         vis_processor=vis_processor, text_processor=text_processor, prompt=prompt, split=split,
         is_train=is_train, region=cfg.region, text=cfg.text, flip=cfg.flip,
         crop_margin=cfg.crop_margin, max_records=cfg.max_records,
-        max_bad_samples=cfg.max_bad_samples, check_images=cfg.check_images)
+        max_bad_samples=cfg.max_bad_samples, check_images=cfg.check_images, strict_boxes=cfg.strict_boxes)
