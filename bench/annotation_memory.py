@@ -88,7 +88,53 @@ def make_file(folder: str, n: int, seed: int = 0) -> str:
     return path
 
 
+def make_images(folder: str, n: int) -> None:
+    """An image file for every record of :func:`make_file`: hard links to one JPEG per image size (so the check
+    tool can read every header without gigabytes of pixels)."""
+    from PIL import Image
+
+    done = os.path.join(folder, f".images.{n}.done")
+    if os.path.isfile(done):
+        return
+    from engine.data.sherlock import url_to_path
+
+    def template(size, k):  # a file system allows some 65,000 links per file: one template per 50,000
+        path = os.path.join(folder, f"template_{size[0]}x{size[1]}_{k // 50_000}.jpg")
+        if not os.path.exists(path):
+            Image.new("RGB", size, (120, 130, 140)).save(path, "JPEG", quality=50)
+        return path
+
+    recs = json.load(open(os.path.join(folder, TRAIN), encoding="utf-8"))
+    made = set()
+    for k, rec in enumerate(recs):
+        image = rec["inputs"]["image"]
+        path = url_to_path(image["url"], os.path.join(folder, "vcr1images"), os.path.join(folder, "vg", "images"))
+        d = os.path.dirname(path)
+        if d not in made:
+            os.makedirs(d, exist_ok=True)
+            made.add(d)
+        if not os.path.exists(path):
+            os.link(template((image["width"], image["height"]), k), path)
+    open(done, "w").close()
+
+
 # --------------------------------------------------------------------------- the measured process
+
+
+def measure_check(folder: str) -> dict:
+    """Runs in a fresh process: what tools/check_dataset.py does for the training split (every record, every
+    image header); wall time and peak RSS."""
+    from engine.config import parse_recipe
+    from engine.data.check import check_recipe_datasets
+
+    recipe = parse_recipe({"model": {"arch": "blip2_opt", "model_type": "tiny"},
+                           "datasets": {"sherlock": {"root": folder}},
+                           "run": {"train_splits": ["train"], "valid_splits": []}}, check_files=False)
+    start = time.perf_counter()
+    report = check_recipe_datasets(recipe)
+    return {"check_s": time.perf_counter() - start, "check_peak_rss_mb": _kib(os.getpid(), "VmHWM", "status") / 1024,
+            "check_ok": report.ok, "check_bad": len(report.bad)}
+
 
 
 def _kib(pid: int, field: str, name: str = "smaps_rollup") -> int:
@@ -177,11 +223,13 @@ def measure(folder: str, workers: int, batch: int, collect: bool = False) -> dic
     return out
 
 
-def _child(engine_root: str, folder: str, workers: int, batch: int, collect: bool = False) -> dict:
+def _child(engine_root: str, folder: str, workers: int, batch: int, collect: bool = False,
+           check: bool = False) -> dict:
+    call = "b.measure_check(sys.argv[3])" if check else \
+        "b.measure(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == '1')"
     code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import annotation_memory as b; "
             "sys.path.insert(0, sys.argv[1]); "  # the measured tree's engine, ahead of this one
-            "print('RESULT ' + json.dumps(b.measure(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "
-            "sys.argv[6] == '1')))")
+            f"print('RESULT ' + json.dumps({call}))")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", code, engine_root, os.path.join(ROOT, "bench"), folder,
@@ -192,7 +240,7 @@ def _child(engine_root: str, folder: str, workers: int, batch: int, collect: boo
     return json.loads(line[len("RESULT "):])
 
 
-def run(engine_root: str, folder: str, workers: int, batch: int) -> dict:
+def run(engine_root: str, folder: str, workers: int, batch: int, check: bool) -> dict:
     """cold (no cache), cached, and cached with a full collection in each worker, each in a fresh process."""
     from engine.data.store import cache_paths
 
@@ -202,8 +250,11 @@ def run(engine_root: str, folder: str, workers: int, batch: int) -> dict:
     cold = _child(engine_root, folder, workers, batch)
     cached = _child(engine_root, folder, workers, batch)
     collected = _child(engine_root, folder, workers, batch, collect=True)
-    return {"engine_root": os.path.abspath(engine_root), "workers": workers, "cold": cold, "cached": cached,
-            "collected": collected}
+    out = {"engine_root": os.path.abspath(engine_root), "workers": workers, "cold": cold, "cached": cached,
+           "collected": collected}
+    if check:
+        out["check"] = _child(engine_root, folder, workers, batch, check=True)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -258,6 +309,13 @@ def section(after: dict, before: dict = None, n: int = 0, command: str = "") -> 
                      f"{c['one_copy_mb']:.0f} MiB; peak RSS while loading {b['peak_rss_mb']:.0f} -> "
                      f"{c['peak_rss_mb']:.0f} MiB (first start: {after['cold']['peak_rss_mb']:.0f}, the JSON "
                      f"parsed once).")
+    if before and "check" in before and "check" in after:
+        b, a = before["check"], after["check"]
+        lines += ["", f"`tools/check_dataset.py` on the same file (every record, and every image's header: the images "
+                      f"are hard links to one JPEG per size), later start: {b['check_s']:.1f} s and "
+                      f"{b['check_peak_rss_mb']:.0f} MiB peak RSS before, {a['check_s']:.1f} s and "
+                      f"{a['check_peak_rss_mb']:.0f} MiB after (the time is reading the image headers; wall time on a "
+                      f"shared machine, so within its noise)."]
     load = load_average()
     lines += ["", f"Machine: {machine()}" + (f"; load average {load} (shared machine)" if load else "") + "."]
     return "\n".join(lines) + "\n"
@@ -273,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--before", help="JSON of a run with the code before the change (--engine-root), for the table")
     p.add_argument("--write", help="rewrite this section of a markdown file (docs/benchmarks.md)")
+    p.add_argument("--no-check", action="store_true", help="skip the tools/check_dataset.py measurement")
     p.add_argument("--smoke", action="store_true", help="3,000 records, 2 workers: seconds")
     args = p.parse_args(argv)
     if args.smoke:
@@ -282,7 +341,11 @@ def main(argv=None) -> int:
     make_file(folder, args.records)
     print(f"{os.path.join(folder, TRAIN)}: {os.path.getsize(os.path.join(folder, TRAIN)) / 1e6:.0f} MB "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    result = run(args.engine_root, folder, args.workers, args.batch)
+    if not args.no_check:
+        start = time.perf_counter()
+        make_images(folder, args.records)
+        print(f"image files: {time.perf_counter() - start:.0f} s", flush=True)
+    result = run(args.engine_root, folder, args.workers, args.batch, check=not args.no_check)
     result["records"] = args.records
     for start_kind in ("cold", "cached", "collected"):
         r = result[start_kind]
@@ -290,6 +353,10 @@ def main(argv=None) -> int:
               f"(peak {r['peak_rss_mb']:.0f})  pass {r['pass_s']:.1f} s  sum PSS {r['pss_sum_mb']:.0f} MiB, "
               f"{r['pss_sum_no_records_mb']:.0f} without records: records cost {cost(r):.0f} MiB = "
               f"{cost(r) / r['one_copy_mb']:.2f}x one copy ({r['one_copy_mb']:.0f} MiB)", flush=True)
+    if "check" in result:
+        r = result["check"]
+        print(f"check     {r['check_s']:.1f} s, peak RSS {r['check_peak_rss_mb']:.0f} MiB, ok {r['check_ok']}",
+              flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

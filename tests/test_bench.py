@@ -1,6 +1,8 @@
 """bench/: the data-pipeline benchmark runs in smoke mode and edits only its own docs section (no timing asserted)."""
 import importlib.util
+import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,3 +27,27 @@ def test_data_pipeline_smoke_writes_its_section(tmp_path):
     assert all(r.rstrip(" |").endswith("x") for r in rows)
     assert "python bench/data_pipeline.py --smoke" in text
     assert len(os.listdir(tmp_path / "work" / "jpegs")) == 4
+
+
+def test_annotation_memory_smoke_measures_both_starts_and_writes_its_section(tmp_path):
+    bench = _load("annotation_memory")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Data pipeline\n\nkeep me\n")
+    out = tmp_path / "after.json"
+    assert bench.main(["--smoke", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for start in ("cold", "cached", "collected"):
+        r = result[start]
+        assert r["records"] == 3000 and r["cache"] and len(r["pss_mb"]) == 3  # the rank and 2 workers
+        assert r["pss_sum_mb"] > 0 and r["one_copy_mb"] > 0
+    assert result["check"]["check_ok"]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from report import write_section
+    finally:
+        sys.path.pop(0)
+    write_section(str(doc), bench.SECTION, bench.section(result, result, 3000, "python bench/annotation_memory.py --smoke"))
+    text = doc.read_text()
+    assert "keep me" in text and text.count("## Annotation files at full size") == 1
+    assert "| before, later start |" in text and "| after, later start: map the cache |" in text
+    assert "python bench/annotation_memory.py --smoke" in text

@@ -5,9 +5,11 @@
 
 Reports missing annotation or image files, empty or missing targets, malformed
 records and boxes, boxes outside the image (the size read from the image file),
-duplicate ids and, with --full, images that do not decode. Prints counts and the
-first records of each kind with file and index. Exit status: 0 when everything is
-fine, 1 when anything is wrong, 2 when the recipe itself is invalid.
+duplicate ids and, with --full, images that do not decode; and, as warnings, boxes
+with more than half their area outside the image (problems with strict_boxes: true).
+Prints counts and the first records of each kind with file and index. Exit status:
+0 when everything is fine (warnings included), 1 when anything is wrong, 2 when the
+recipe itself is invalid.
 """
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ same kind of report. The full check here adds, per split file:
 * image headers: each image's real size, and every box checked against it
   (not against the sizes written in the JSON);
 * duplicate ids (evaluation keys results by id);
-* with ``full_decode``: every image decoded.
+* with ``full_decode``: every image decoded;
+* as warnings (problems with the dataset's ``strict_boxes``): boxes with more than
+  half their area outside the image, from the real image size.
 
 Nothing is skipped: ``max_bad_samples`` does not hide records from the report.
 """
