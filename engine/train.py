@@ -112,7 +112,7 @@ class StartupClock:
     def add(self, name: str, seconds: float, start: float) -> None:
         gap = start - self._mark  # time between timed stages (imports, logging set-up) is counted, not lost
         if gap > 0.05:
-            self.stages.append(("other", gap))
+            self.stages.append(("imports and set-up", gap))
         self.stages.append((name, seconds))
         self._mark = start + seconds
 
