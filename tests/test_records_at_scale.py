@@ -70,6 +70,9 @@ def test_records_are_parsed_once_then_mapped_from_the_cache(tiny_root, tmp_path,
     first = _build(root)
     cache = cache_paths(os.path.join(root, TRAIN), "sherlock")[0]
     assert first.records_cache == cache and os.path.isfile(cache)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(cache).st_mode & 0o777 == 0o666 & ~umask  # other users of a shared dataset can map it
     again = _build(root)
     assert len(parses.read_text().split()) == 1  # the second start mapped the file
     assert _samples(again) == _samples(first) and len(first) == 16

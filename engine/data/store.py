@@ -107,6 +107,9 @@ def write_columns(path: str, columns: Dict[str, np.ndarray], meta: dict) -> None
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # readable like any file the user writes (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
             f.write(_HEAD.pack(MAGIC, len(header)))
             f.write(header)
