@@ -97,7 +97,7 @@ class RunConfig:
     adam_betas: List[float] = doc("AdamW betas.", [0.9, 0.999])
     grad_clip: float = doc("Clip the global gradient norm to this value (0 = off).", 1.0)
     max_epoch: int = doc("Number of epochs.", 1)
-    max_steps: Optional[int] = doc("Stop after this many optimizer steps (null = run all epochs).", None)
+    max_steps: Optional[int] = doc("Stop after this many optimizer steps (null or 0 = run all epochs).", None)
     batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu).", 8)
     batch_size_eval: int = doc("Evaluation batch size per GPU.", 8)
     accum_grad_iters: int = doc("Micro-batches per optimizer step (gradient accumulation).", 1)
@@ -571,6 +571,11 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
         out.append(Problem("run.min_lr", f"{r.min_lr} is above run.init_lr={r.init_lr}; lower it"))
     if r.warmup_steps < 0 or r.num_workers < 0 or r.save_every_steps < 0 or r.keep_last < 0:
         out.append(Problem("run", "warmup_steps, num_workers, save_every_steps and keep_last cannot be negative"))
+    if r.max_steps is not None and r.max_steps < 0:
+        out.append(Problem("run.max_steps", f"{r.max_steps} cannot be negative; give a number of optimizer steps, "
+                                            f"or null (or 0) to run every epoch"))
+    elif r.max_steps == 0:
+        r.max_steps = None  # 0 steps would train nothing: read as "no limit", like null
     if r.max_bad_steps < 1 or r.dist_timeout_s < 1:
         out.append(Problem("run", f"max_bad_steps ({r.max_bad_steps}) and dist_timeout_s ({r.dist_timeout_s}) "
                                   f"must be at least 1"))

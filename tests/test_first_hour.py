@@ -48,6 +48,9 @@ def test_zero_synthetic_means_none_and_null_unsets_any_key(tmp_path):
     opts = recipe.datasets["sherlock"].options
     assert opts.synthetic == 0 and opts.synthetic_val == 100  # null -> the schema's default
     assert recipe.run.max_epoch == 1 and recipe.run.max_steps is None and recipe.model.prompt == ""
+    assert load_recipe(TINY, ["run.max_steps=0"], check_files=False).run.max_steps is None
+    with pytest.raises(ConfigError, match="run.max_steps: -3 cannot be negative"):
+        load_recipe(TINY, ["run.max_steps=-3"], check_files=False)
     prepare_datasets(recipe)
     assert len(build_dataset(recipe, "sherlock", "train", is_train=True)) == 7
     assert not os.path.exists(os.path.join(root, SPEC_FILE))
