@@ -435,3 +435,23 @@ def test_randaugment_translate_nearest_is_exact():
             a = np.asarray(bilinear[name](img))
             random.seed(seed)
             assert np.array_equal(a, np.asarray(ours[name](img)))
+
+
+def test_coco_records_come_from_the_cache_with_the_same_samples(coco_root, monkeypatch):
+    import engine.data.coco as coco_module
+
+    first = {split: _coco(coco_root, split) for split in ("train", "val")}
+    assert all(ds.records_cache and os.path.isfile(ds.records_cache) for ds in first.values())
+    monkeypatch.setattr(coco_module, "parse_columns", lambda *a: pytest.fail("parsed again"))
+    for split, ds in first.items():
+        again = _coco(coco_root, split)
+        assert [again.annotation(i) for i in range(len(again))] == [ds.annotation(i) for i in range(len(ds))]
+        assert [again.items[i].path for i in range(len(again))] == [ds.items[i].path for i in range(len(ds))]
+    # A duplicate image in an evaluation file is reported, from the columns.
+    path = os.path.join(coco_root, "annotations", "coco_karpathy_val.json")
+    recs = json.load(open(path))
+    json.dump(recs + [dict(recs[0])], open(path, "w"))
+    monkeypatch.undo()
+    dups = _coco(coco_root, "val").duplicate_ids()
+    assert [(d.where, d.id) for d in dups] == [(f"record {len(recs)}", "184613")]
+    assert "image 184613 is also used by record 0" in str(dups[0])

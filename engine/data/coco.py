@@ -10,14 +10,18 @@ against all its captions.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from engine.registry import DATASETS
 
+from .errors import BadRecord
 from .records import DirIndex, RecordDataset, config_from, read_json_list, resolve
 from .region import Box
+from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
 DOWNLOAD_HINT = (
@@ -81,6 +85,119 @@ def _captions(rec: dict, is_list: bool) -> Tuple[List[str], List[Tuple[str, str]
     return [c.strip() for c in cap], []
 
 
+#: Bump when the parsed columns change meaning: caches of older versions are parsed again.
+CACHE_VERSION = 1
+
+
+def parse_columns(file: str, split: str, per_image: bool) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """Read a COCO annotation file once into columns: per record its image, image id and captions."""
+    records = read_json_list(
+        file, f"COCO {split} annotations",
+        missing_fix=f"set root (the images root) or the split's ann_* path. {DOWNLOAD_HINT}",
+        malformed_fix="download the file again; LAVIS's annotations are a JSON list of "
+                      "{image, caption[, image_id]} records.")
+    n = len(records)
+    ok = np.zeros(n, dtype=bool)
+    images, image_ids, captions = [], [], []
+    cap_off = np.zeros(n + 1, dtype=np.int64)
+    bad = []
+    for i, rec in enumerate(records):
+        image, image_id, caps = "", "", []
+        if not isinstance(rec, dict):
+            bad.append([i, None, [("malformed", f"is a JSON {type(rec).__name__}, not an object (fix: remove it)")]])
+        else:
+            raw = rec.get("image")
+            problems: List[Tuple[str, str]] = []
+            if not isinstance(raw, str) or not raw.strip():
+                problems.append(("malformed", "image is missing or empty (fix: give the image path relative "
+                                              "to the images root)"))
+            else:
+                image = raw.strip()
+            caps, cap_problems = _captions(rec, per_image)
+            problems += cap_problems
+            if problems:
+                bad.append([i, raw if isinstance(raw, str) and raw else None, problems])
+                caps = []
+            else:
+                ok[i] = True
+                given = rec.get("image_id")
+                image_id = str(given) if isinstance(given, (str, int)) and given != "" else image_id_of(image)
+        images.append(image)
+        image_ids.append(image_id)
+        captions += caps
+        cap_off[i + 1] = len(captions)
+        records[i] = None  # free each record once read
+    del records
+    # Training references: every caption of the same image; records of one image share a group number.
+    group = np.zeros(n, dtype=np.int64)
+    seen: Dict[str, int] = {}
+    for i, image in enumerate(images):
+        group[i] = seen.setdefault(image, len(seen))
+    columns = {"ok": ok, "cap_off": cap_off, "group": group, "id_hash": id_hashes(image_ids)}
+    for name, values in (("image", images), ("image_id", image_ids), ("caption", captions)):
+        columns.update(text_columns(name, values))
+    return {"records": n, "bad": bad}, columns
+
+
+class _Items(Sequence):
+    """The dataset's items, made from the record columns when indexed: one per record (evaluation) or one
+    per caption (training, with every caption of the same image among the kept records as references)."""
+
+    def __init__(self, cols: CachedColumns, rows: np.ndarray, image_root: str, per_image: bool):
+        self.cols, self.rows, self.image_root, self.per_image = cols, rows, image_root, per_image
+        c = cols.columns
+        self._images, self._ids, self._caps = texts(c, "image"), texts(c, "image_id"), texts(c, "caption")
+        off = c["cap_off"]
+        if per_image:
+            self.item_rec = rows
+        else:  # item -> (record, caption k); records of an image -> their group, for the references
+            ncap = off[rows + 1] - off[rows]
+            self.item_rec = np.repeat(rows, ncap)
+            starts = np.repeat(np.cumsum(ncap) - ncap, ncap)
+            self.item_cap = np.arange(len(self.item_rec)) - starts
+            groups = c["group"][rows]
+            order = np.argsort(groups, kind="stable")
+            self.group_rows = rows[order]
+            self.group_of = groups
+            bounds = np.flatnonzero(np.diff(groups[order])) + 1
+            self.group_start = np.concatenate([[0], bounds])
+            self.group_end = np.concatenate([bounds, [len(rows)]])
+            self.group_index = np.empty(int(groups.max()) + 1 if len(groups) else 0, dtype=np.int64)
+            self.group_index[groups[order][self.group_start]] = np.arange(len(self.group_start))
+
+    def __getstate__(self):
+        return {"cols": self.cols, "rows": self.rows, "image_root": self.image_root, "per_image": self.per_image}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __len__(self) -> int:
+        return len(self.item_rec)
+
+    def _captions(self, i: int) -> List[str]:
+        off = self.cols.columns["cap_off"]
+        return [self._caps[j] for j in range(int(off[i]), int(off[i + 1]))]
+
+    def __getitem__(self, k) -> _Item:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        i = int(self.item_rec[k])
+        path, image_id = resolve(self.image_root, self._images[i]), self._ids[i]
+        caps = self._captions(i)
+        if self.per_image:
+            return _Item(i, path, (), image_id, image_id, caps[0], tuple(caps))
+        g = self.group_index[self.cols.columns["group"][i]]
+        refs = tuple(c for r in self.group_rows[self.group_start[g]:self.group_end[g]].tolist()
+                     for c in self._captions(r))
+        cap_k = int(self.item_cap[k])
+        sid = f"{image_id}:{i}" if len(caps) == 1 else f"{image_id}:{i}.{cap_k}"
+        return _Item(i, path, (), sid, image_id, caps[cap_k], refs)
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+
 class CocoCaptionDataset(RecordDataset):
     """COCO caption records -> samples ``{"image", "prompt", "text_output", "sample_id", "image_id",
     "references", "split_idx"}``.
@@ -103,56 +220,64 @@ class CocoCaptionDataset(RecordDataset):
         self._load(max_records, max_bad_samples, check_images)
 
     def _load(self, max_records, max_bad_samples, check_images) -> None:
-        records = read_json_list(
-            self.ann_file, f"COCO {self.split} annotations",
-            missing_fix=f"set root (the images root) or the split's ann_* path. {DOWNLOAD_HINT}",
-            malformed_fix="download the file again; LAVIS's annotations are a JSON list of "
-                          "{image, caption[, image_id]} records.")
-        if max_records is not None:
-            records = records[: max(0, int(max_records))]
-        files = DirIndex() if check_images else None
+        # Parsed once into columns cached beside the file; later starts map them (engine/data/store.py).
         per_image = self.split != "train"
-        parsed, bad = [], []
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict):
-                bad.append(self.bad(i, None, [("malformed", f"is a JSON {type(rec).__name__}, not an object "
-                                                            f"(fix: remove it)")]))
-                continue
-            image = rec.get("image")
-            problems: List[Tuple[str, str]] = []
-            if not isinstance(image, str) or not image.strip():
-                problems.append(("malformed", "image is missing or empty (fix: give the image path relative "
-                                              "to the images root)"))
-                image = None
-            captions, cap_problems = _captions(rec, per_image)
-            problems += cap_problems
-            path = resolve(self.image_root, image.strip()) if image else None
-            if path is not None and files is not None and not files.exists(path):
-                problems.append(("missing_image", f"image file not found: {path} (fix: set root to the folder "
-                                                  f"holding train2014/ and val2014/)"))
-            if problems:
-                bad.append(self.bad(i, image, problems))
-                continue
-            given = rec.get("image_id")
-            image_id = str(given) if isinstance(given, (str, int)) and given != "" else image_id_of(image)
-            parsed.append((i, path, image_id, captions))
+        kind = "coco_per_image" if per_image else "coco_per_caption"
+        cols = cached_columns(self.ann_file, kind, CACHE_VERSION,
+                              lambda: parse_columns(self.ann_file, self.split, per_image))
+        c, meta = cols.columns, cols.meta
+        total = meta["records"] if max_records is None else min(meta["records"], max(0, int(max_records)))
+        problems: Dict[int, List[Tuple[str, str]]] = {}
+        bad_ids: Dict[int, Optional[str]] = {}
+        for i, rid, probs in meta["bad"]:
+            if i < total:
+                problems[i], bad_ids[i] = [tuple(p) for p in probs], rid
+        keep = np.array(c["ok"][:total])
+        images = texts(c, "image")
         hints = []
-        if files is not None and files.missing > 0 and files.found == 0:
-            hints.append(f"No image was found under the images root {self.image_root!r}; set root. {DOWNLOAD_HINT}")
-        items: List[_Item] = []
-        if per_image:
-            for i, path, image_id, caps in parsed:
-                items.append(_Item(i, path, (), image_id, image_id, caps[0], tuple(caps)))
-        else:
-            by_image: Dict[str, List[str]] = defaultdict(list)
-            for _, path, _, caps in parsed:
-                by_image[path] += caps
-            for i, path, image_id, caps in parsed:
-                refs = tuple(by_image[path])
-                for k, cap in enumerate(caps):
-                    sid = f"{image_id}:{i}" if len(caps) == 1 else f"{image_id}:{i}.{k}"
-                    items.append(_Item(i, path, (), sid, image_id, cap, refs))
-        self.accept(items, bad, total=len(records), max_bad_samples=max_bad_samples, hints=hints)
+        if check_images:
+            files = DirIndex()
+            for i, image in enumerate(images.all()[:total]):
+                if not image:
+                    continue
+                path = resolve(self.image_root, image)
+                if not files.exists(path):
+                    problems.setdefault(i, []).append((
+                        "missing_image", f"image file not found: {path} (fix: set root to the folder holding "
+                                         f"train2014/ and val2014/)"))
+                    keep[i] = False
+            if files.missing > 0 and files.found == 0:
+                hints.append(f"No image was found under the images root {self.image_root!r}; set root. "
+                             f"{DOWNLOAD_HINT}")
+        bad = [self.bad(i, bad_ids[i] if i in bad_ids else images[i], problems[i]) for i in sorted(problems)]
+        #: The record cache this dataset maps (None when it could not be written).
+        self.records_cache = cols.path
+        self.accept(_Items(cols, np.flatnonzero(keep), self.image_root, per_image), bad, total=total,
+                    max_bad_samples=max_bad_samples, hints=hints)
+
+    def duplicate_ids(self) -> List[BadRecord]:
+        """Evaluation: a record per image already given by an earlier record (training ids hold the record
+        index, so they never repeat)."""
+        items: _Items = self.items
+        if not items.per_image:
+            return []
+        rows = items.rows
+        h = items.cols.columns["id_hash"][rows]
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        ids = texts(items.cols.columns, "image_id")
+        out, first = [], {}
+        for k in (np.flatnonzero(hs[1:] == hs[:-1]) + 1).tolist():
+            j = first.get(k - 1, k - 1)
+            first[k] = j
+            a, b = int(rows[order[j]]), int(rows[order[k]])
+            if ids[a] != ids[b]:
+                continue
+            sid = ids[b]
+            out.append((b, self.bad(b, sid, [(
+                "duplicate_id", f"{self.id_name} {sid} is also used by {self.unit} {a} (fix: give every record "
+                                f"its own {self.id_name})")])))
+        return [b for _, b in sorted(out, key=lambda t: t[0])]
 
     def annotation(self, index: int) -> Dict[str, Any]:
         it = self.items[index]
