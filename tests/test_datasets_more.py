@@ -455,3 +455,16 @@ def test_coco_records_come_from_the_cache_with_the_same_samples(coco_root, monke
     dups = _coco(coco_root, "val").duplicate_ids()
     assert [(d.where, d.id) for d in dups] == [(f"record {len(recs)}", "184613")]
     assert "image 184613 is also used by record 0" in str(dups[0])
+
+
+def test_jsonl_records_come_from_the_cache_with_the_same_samples(jsonl_root, monkeypatch):
+    import engine.data.jsonl as jsonl_module
+
+    ds = _jsonl(jsonl_root)
+    assert ds.records_cache and os.path.isfile(ds.records_cache)
+    monkeypatch.setattr(jsonl_module, "parse_columns", lambda *a: pytest.fail("parsed again"))
+    again = _jsonl(jsonl_root)
+    assert [again.items[i] for i in range(len(again))] == [ds.items[i] for i in range(len(ds))]
+    assert [again.annotation(i) for i in range(len(again))] == [ds.annotation(i) for i in range(len(ds))]
+    assert again.items[1].boxes == ((8.0, 8.0, 24.0, 16.0),) and again.items[1].prompt == "Q: "
+    assert again.items[0].prompt is None and again.items[2].sample_id == "train.jsonl:4"

@@ -81,7 +81,8 @@ def render() -> str:
         "priority: the zoo defaults of `model.arch`/`model.model_type`, the recipe, and "
         "`--options key.path=value ...` on the command line. `key.path=null` unsets a key: a key whose type "
         "says \"or null\" becomes null, any other key takes the default shown below (e.g. "
-        "`--options datasets.sherlock.synthetic=null` uses the data in `root` instead of generating it). Every key is checked before anything is built: an "
+        "`--options datasets.sherlock.synthetic=null` uses the data in `root` instead of generating it). "
+        "Every key is checked before anything is built: an "
         "unknown key, a wrong type, a value outside its choices or a contradiction is reported with its path and "
         "the closest valid key, all problems at once. The resolved recipe is written to "
         "`run.output_dir/config.yaml`. `python engine/train.py --help-recipe` prints the model and run keys below.",

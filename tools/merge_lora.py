@@ -6,8 +6,8 @@ r"""Merge LoRA adapters into their base model and write a Hugging Face folder.
 
 CKPT_OR_ADAPTER is
   * a checkpoint of this engine (checkpoints/<tag>, checkpoints/latest, checkpoints/best, or the run
-    folder for its latest complete checkpoint; the one resolved is printed): its ZeRO shards are consolidated (fp32) and the
-    adapters merged into the weights (as tools/export_hf.py does by default);
+    folder for its latest complete checkpoint; the one resolved is printed): its ZeRO shards are
+    consolidated (fp32) and the adapters merged into the weights (as tools/export_hf.py does by default);
   * an adapter folder (a checkpoint's adapter/, or OUT_DIR/adapter of `export_hf.py --keep-adapter`):
     loaded with peft onto the base and merged with merge_and_unload. The base is --base (a Hugging Face
     folder) or else the recipe's model.pretrained; the recipe is the folder's recipe.yaml, the
@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="CKPT_OR_ADAPTER", help="engine checkpoint (folder, checkpoints/latest, checkpoints/best or run folder) or adapter folder")
+    p.add_argument("source", metavar="CKPT_OR_ADAPTER",
+                   help="engine checkpoint (folder, checkpoints/latest, checkpoints/best or run folder) or adapter "
+                        "folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must not exist or be empty (see --force)")
     p.add_argument("--base", help="adapter folder only: Hugging Face folder of the base model "
                                   "(default: the recipe's model.pretrained)")

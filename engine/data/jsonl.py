@@ -13,14 +13,18 @@ replaces the model prompt for that record; ``id`` (optional) names the sample
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from engine.registry import DATASETS
 
-from .errors import DatasetError
+from .errors import BadRecord, DatasetError
 from .records import DirIndex, RecordDataset, config_from, parse_boxes, read_jsonl, resolve
 from .region import REGION_MODES, Box
+from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
 FORMAT = ('one JSON object per line: {"image": "<path>", "text": "<target>", optional "boxes": '
@@ -64,6 +68,110 @@ class _Item(NamedTuple):
     prompt: Optional[str]
 
 
+#: Bump when the parsed columns change meaning: caches of older versions are parsed again.
+CACHE_VERSION = 1
+
+
+def parse_columns(file: str, split: str) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """Read a JSONL file once into columns: per non-blank line its number, image, id, text, prompt and boxes."""
+    lines = read_jsonl(file, f"JSONL {split} file",
+                       missing_fix=f"set root or the split's *_file; the format is {FORMAT}.")
+    name = os.path.basename(file)
+    m = len(lines)
+    ok, has_prompt = np.zeros(m, dtype=bool), np.zeros(m, dtype=bool)
+    line_no = np.zeros(m, dtype=np.int64)
+    images, ids, targets, prompts = [], [], [], []
+    box_off = np.zeros(m + 1, dtype=np.int64)
+    boxes: List[Box] = []
+    bad = []
+    for k, (n, rec, error) in enumerate(lines):
+        line_no[k] = n
+        image = sid = text = prompt = ""
+        if error is not None:
+            bad.append([k, None, [("malformed", f"{error} (fix: write {FORMAT})")]])
+        elif not isinstance(rec, dict):
+            bad.append([k, None, [("malformed", f"is a JSON {type(rec).__name__}, not an object (fix: write "
+                                                f"{FORMAT})")]])
+        else:
+            rid = rec.get("id")
+            problems: List[Tuple[str, str]] = []
+            if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == ""):
+                problems.append(("malformed", f"id {rid!r} is not a string or integer (fix: give a unique id "
+                                              f"or leave it out)"))
+            raw_image = rec.get("image")
+            if not isinstance(raw_image, str) or not raw_image.strip():
+                problems.append(("malformed", "image is missing or empty (fix: give the image path, relative "
+                                              "to root or absolute)"))
+            else:
+                image = raw_image.strip()
+            raw_text = rec.get("text")
+            if not isinstance(raw_text, str) or not raw_text.strip():
+                problems.append(("missing_target", "text is missing or empty (fix: give the target text or drop "
+                                                   "the line)"))
+            raw_prompt = rec.get("prompt")
+            if raw_prompt is not None and not isinstance(raw_prompt, str):
+                problems.append(("malformed", f"prompt {raw_prompt!r} is not a string (fix: give text or leave it "
+                                              f"out)"))
+            rec_boxes, box_problems = parse_boxes(rec.get("boxes"), "boxes")
+            problems += box_problems
+            if problems:
+                bad.append([k, rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else
+                            (None if rid is None else repr(rid)), problems])
+            else:
+                ok[k] = True
+                sid = str(rid) if rid is not None else f"{name}:{n}"
+                text = raw_text.strip()
+                has_prompt[k] = raw_prompt is not None
+                prompt = raw_prompt or ""
+                boxes += rec_boxes
+        images.append(image)
+        ids.append(sid)
+        targets.append(text)
+        prompts.append(prompt)
+        box_off[k + 1] = len(boxes)
+        lines[k] = None
+    del lines
+    columns = {"ok": ok, "line": line_no, "has_prompt": has_prompt, "box_off": box_off,
+               "boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "id_hash": id_hashes(ids)}
+    for col, values in (("image", images), ("id", ids), ("text", targets), ("prompt", prompts)):
+        columns.update(text_columns(col, values))
+    return {"records": m, "bad": bad}, columns
+
+
+class _Items(Sequence):
+    """The dataset's items: rows of the record columns, made into :class:`_Item` when indexed."""
+
+    def __init__(self, cols: CachedColumns, rows: np.ndarray, root: str):
+        self.cols, self.rows, self.root = cols, rows, root
+        c = cols.columns
+        self._images, self._ids = texts(c, "image"), texts(c, "id")
+        self._texts, self._prompts = texts(c, "text"), texts(c, "prompt")
+
+    def __getstate__(self):
+        return {"cols": self.cols, "rows": self.rows, "root": self.root}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        k = int(self.rows[j])
+        c = self.cols.columns
+        lo, hi = c["box_off"][k], c["box_off"][k + 1]
+        image = self._images[k]
+        boxes = tuple(tuple(b) for b in c["boxes"][lo:hi].tolist())
+        return _Item(int(c["line"][k]), resolve(self.root, image), boxes, self._ids[k], image, self._texts[k],
+                     self._prompts[k] if c["has_prompt"][k] else None)
+
+    def __iter__(self):
+        for j in range(len(self)):
+            yield self[j]
+
+
 class JsonlDataset(RecordDataset):
     """JSON-lines records -> samples ``{"image", "prompt", "text_output", "sample_id", "image_id",
     "references", "split_idx"}`` (``references`` = ``[text]``, ``split_idx`` = -1)."""
@@ -80,54 +188,57 @@ class JsonlDataset(RecordDataset):
         self._load(max_records, max_bad_samples, check_images)
 
     def _load(self, max_records, max_bad_samples, check_images) -> None:
-        lines = read_jsonl(self.ann_file, f"JSONL {self.split} file",
-                           missing_fix=f"set root or the split's *_file; the format is {FORMAT}.")
-        if max_records is not None:
-            lines = lines[: max(0, int(max_records))]
-        files = DirIndex() if check_images else None
-        name = os.path.basename(self.ann_file)
-        items: List[_Item] = []
-        bad = []
-        for n, rec, error in lines:
-            if error is not None:
-                bad.append(self.bad(n, None, [("malformed", f"{error} (fix: write {FORMAT})")]))
-                continue
-            if not isinstance(rec, dict):
-                bad.append(self.bad(n, None, [("malformed", f"is a JSON {type(rec).__name__}, not an object "
-                                                            f"(fix: write {FORMAT})")]))
-                continue
-            rid = rec.get("id")
-            problems: List[Tuple[str, str]] = []
-            if rid is not None and (not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == ""):
-                problems.append(("malformed", f"id {rid!r} is not a string or integer (fix: give a unique id "
-                                              f"or leave it out)"))
-            image = rec.get("image")
-            if not isinstance(image, str) or not image.strip():
-                problems.append(("malformed", "image is missing or empty (fix: give the image path, relative "
-                                              "to root or absolute)"))
-                image = None
-            text = rec.get("text")
-            if not isinstance(text, str) or not text.strip():
-                problems.append(("missing_target", "text is missing or empty (fix: give the target text or drop "
-                                                   "the line)"))
-            prompt = rec.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                problems.append(("malformed", f"prompt {prompt!r} is not a string (fix: give text or leave it out)"))
-            boxes, box_problems = parse_boxes(rec.get("boxes"), "boxes")
-            problems += box_problems
-            path = resolve(self.root, image.strip()) if image else None
-            if path is not None and files is not None and not files.exists(path):
-                problems.append(("missing_image", f"image file not found: {path} (fix: check root and the "
-                                                  f"image path)"))
-            if problems:
-                bad.append(self.bad(n, rid, problems))
-                continue
-            sid = str(rid) if rid is not None else f"{name}:{n}"
-            items.append(_Item(n, path, tuple(boxes), sid, image.strip(), text.strip(), prompt))
+        # Parsed once into columns cached beside the file; later starts map them (engine/data/store.py).
+        cols = cached_columns(self.ann_file, "jsonl", CACHE_VERSION,
+                              lambda: parse_columns(self.ann_file, self.split))
+        c, meta = cols.columns, cols.meta
+        total = meta["records"] if max_records is None else min(meta["records"], max(0, int(max_records)))
+        problems: Dict[int, List[Tuple[str, str]]] = {}  # by position among the non-blank lines
+        bad_ids: Dict[int, Any] = {}
+        for k, rid, probs in meta["bad"]:
+            if k < total:
+                problems[k], bad_ids[k] = [tuple(p) for p in probs], rid
+        keep = np.array(c["ok"][:total])
+        images = texts(c, "image")
         hints = []
-        if files is not None and files.missing > 0 and files.found == 0:
-            hints.append(f"No image was found: image paths are relative to root={self.root!r}; set root.")
-        self.accept(items, bad, total=len(lines), max_bad_samples=max_bad_samples, hints=hints)
+        if check_images:
+            files = DirIndex()
+            for k, image in enumerate(images.all()[:total]):
+                path = resolve(self.root, image) if image else None
+                if path is not None and not files.exists(path):
+                    problems.setdefault(k, []).append((
+                        "missing_image", f"image file not found: {path} (fix: check root and the image path)"))
+                    keep[k] = False
+            if files.missing > 0 and files.found == 0:
+                hints.append(f"No image was found: image paths are relative to root={self.root!r}; set root.")
+        lines, ids = c["line"], texts(c, "id")
+        bad = [self.bad(int(lines[k]), bad_ids[k] if k in bad_ids else ids[k], problems[k])
+               for k in sorted(problems)]
+        #: The record cache this dataset maps (None when it could not be written).
+        self.records_cache = cols.path
+        self.accept(_Items(cols, np.flatnonzero(keep), self.root), bad, total=total,
+                    max_bad_samples=max_bad_samples, hints=hints)
+
+    def duplicate_ids(self) -> List[BadRecord]:
+        """A record per item whose id an earlier item already has (found on the id hashes)."""
+        items: _Items = self.items
+        rows, c = items.rows, items.cols.columns
+        h = c["id_hash"][rows]
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        ids = texts(c, "id")
+        out, first = [], {}
+        for k in (np.flatnonzero(hs[1:] == hs[:-1]) + 1).tolist():
+            j = first.get(k - 1, k - 1)
+            first[k] = j
+            a, b = int(rows[order[j]]), int(rows[order[k]])
+            if ids[a] != ids[b]:
+                continue
+            sid = ids[b]
+            out.append((b, self.bad(int(c["line"][b]), sid, [(
+                "duplicate_id", f"{self.id_name} {sid} is also used by {self.unit} {int(c['line'][a])} (fix: give "
+                                f"every record its own {self.id_name})")])))
+        return [b for _, b in sorted(out, key=lambda t: t[0])]
 
     def annotation(self, index: int) -> Dict[str, Any]:
         it = self.items[index]
