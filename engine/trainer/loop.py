@@ -29,7 +29,7 @@ from engine.trainer import checkpoint
 from engine.trainer.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
-from engine.trainer.seeding import SeededDataset, SeededSampler
+from engine.trainer.seeding import SeededDataset, SeededSampler, micro_batch_seed, seed_model_rng
 
 logger = logging.getLogger("engine")
 
@@ -135,12 +135,16 @@ class Trainer:
         return on_device(self._loader(ds, sampler, epoch), ds, self.device)
 
     def _loader(self, ds, sampler, epoch: int):
-        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py."""
+        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py.
+
+        It has its own generator: a DataLoader draws its workers' base seed when an iterator starts, and
+        drawn from the global generator that would move the stream dropout uses between a checkpoint's
+        restore and the next step."""
         return torch.utils.data.DataLoader(
             SeededDataset(ds, replace_unreadable=True), batch_size=self.run.batch_size_train,
             sampler=SeededSampler(sampler, self.run.seed, epoch), collate_fn=collate,
             num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
-            worker_init_fn=_ignore_signals,
+            worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(self.run.seed + epoch),
         )
 
     def eval_loader(self, split: str):
@@ -149,7 +153,8 @@ class Trainer:
         sampler = ExactDistributedSampler(n, self.world, self.rank, shuffle=False)
         return torch.utils.data.DataLoader(ds, batch_size=self.run.batch_size_eval, sampler=sampler,
                                            collate_fn=collate, num_workers=self.run.num_workers,
-                                           worker_init_fn=_ignore_signals)
+                                           worker_init_fn=_ignore_signals,
+                                           generator=torch.Generator().manual_seed(self.run.seed))
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Any]:
@@ -219,6 +224,10 @@ class Trainer:
         device (its value is read in ``_flush``), and whether the micro-batch was skipped because a rank's
         loss was not finite."""
         self._inject_raise()
+        # Dropout draws from a stream seeded by the micro-batch's place in the run (seeding.py): the same masks
+        # after a resume, on any number of ranks, whatever ran in between (evaluation, a save).
+        chunk = self.micro_in_epoch * self.world + self.rank
+        seed_model_rng(micro_batch_seed(self.run.seed, self.epoch, chunk), self.device)
         image = batch["image"].to(self.device, non_blocking=True)
         loss = self._inject_nan(self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"]))
         if self._vote(loss):
