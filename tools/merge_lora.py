@@ -27,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="CKPT_OR_ADAPTER", help="engine checkpoint folder or adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must not exist or be empty (see --force)")
-    p.add_argument("--base", help="adapter folder only: Hugging Face folder of the base model "
-                                  "(default: the recipe's model.pretrained)")
+    p.add_argument("--base", help="Hugging Face folder of the base model (default: the recipe's model.pretrained); "
+                                  "for a checkpoint, only when its base moved (checked against its fingerprint)")
     p.add_argument("--recipe", help="adapter folder only: recipe YAML (a training recipe or a run's config.yaml) "
                                     "when the folder carries none")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
@@ -43,9 +43,10 @@ def main(argv=None) -> int:
 
     try:
         if is_checkpoint(args.source):
-            if args.base or args.recipe:
-                raise ExportError("--base and --recipe apply to adapter folders; a checkpoint carries its own")
-            info = export_checkpoint(args.source, args.out_dir, merge=True, dtype=args.dtype, force=args.force)
+            if args.recipe:
+                raise ExportError("--recipe applies to adapter folders; a checkpoint carries its own")
+            info = export_checkpoint(args.source, args.out_dir, merge=True, dtype=args.dtype, force=args.force,
+                                     base=args.base)
             if "lora" not in info:
                 print(f"note: {args.source} has no LoRA adapters; exported the weights as they are",
                       file=sys.stderr)

@@ -83,7 +83,7 @@ def _peak_mem_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, engine, recipe: Recipe, datasets: Dict[str, Any], *, rank: int, world_size: int,
-                 micro_batches_per_epoch: int, output_dir: str):
+                 micro_batches_per_epoch: int, output_dir: str, base: Optional[Dict[str, Any]] = None):
         self.engine = engine
         self.model = engine.module
         self.recipe = recipe
@@ -98,6 +98,10 @@ class Trainer:
         self.micro_per_epoch = micro_batches_per_epoch
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.task = build_task(recipe)
+        # Where the frozen weights come from (checkpoint.describe_base); checkpoints leave them out unless asked
+        # (run.save_frozen) or the base cannot be rebuilt.
+        self.base = base
+        self.save_frozen = self.run.save_frozen or base is None or not base.get("reproducible", False)
         # Progress, saved in every checkpoint.
         self.global_step = 0
         self.epoch = 0
@@ -166,6 +170,7 @@ class Trainer:
                 # that does not depend on the layout (a resume on another number of ranks converts it).
                 "samples_in_epoch": self.micro_in_epoch * self.run.batch_size_train * self.world,
                 "bad_samples": self.bad_samples,
+                "base": self.base,
                 "recipe": self.recipe.to_dict()}
 
     def resume(self, ckpt_dir: str, universal: Optional[str] = None) -> None:
@@ -212,7 +217,8 @@ class Trainer:
 
     def save(self, tag: str) -> str:
         writer = self._write_adapter if self.recipe.model.lora is not None and not self.recipe.model.adapter else None
-        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state(), extra_writer=writer)
+        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state(), extra_writer=writer,
+                               save_frozen=self.save_frozen)
         checkpoint.prune(self.ckpt_root, self.run.keep_last, protect=[tag, self.best_tag or ""])
         logger.info("saved checkpoint %s", path)
         return path
