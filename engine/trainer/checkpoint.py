@@ -127,20 +127,42 @@ class BaseMismatchError(ValueError):
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 
 
-def _safetensors_header(path: str) -> bytes:
-    """The JSON header of a safetensors file: every tensor's name, dtype, shape and byte range (its index)."""
+_SAMPLE = 4096  # bytes read from the start of every tensor (safetensors) or of every block (other formats)
+
+
+def _sample_safetensors(path: str, h) -> None:
+    """Hash a safetensors file's header (every tensor's name, dtype, shape and byte range: its index) and the
+    first bytes of every tensor: two finetunes of one architecture have the same index, not the same bytes."""
     with open(path, "rb") as f:
         size = f.read(8)
         if len(size) < 8:
-            return b""
+            return
         (n,) = struct.unpack("<Q", size)
-        return f.read(min(n, 100 * 2**20))
+        header = f.read(min(n, 100 * 2**20))
+        h.update(header)
+        try:
+            index = json.loads(header)
+        except ValueError:
+            return
+        for name in sorted(k for k in index if k != "__metadata__"):
+            start, end = index[name].get("data_offsets", (0, 0))
+            f.seek(8 + n + start)
+            h.update(f.read(min(end - start, _SAMPLE)))
+
+
+def _sample_blocks(path: str, size: int, h, blocks: int = 64) -> None:
+    """Other weight formats (pickles): hash evenly spaced blocks of the file."""
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(size * i // blocks)
+            h.update(f.read(_SAMPLE))
 
 
 def folder_fingerprint(folder: str) -> Dict[str, Any]:
     """Sizes of a weights folder's files and a hash of their index (the ``*.index.json`` files and every
-    safetensors header): cheap at any model size, and it changes when any tensor's name, shape, dtype or
-    place does, or a file is replaced by one of another size."""
+    safetensors header) and of a sample of their bytes: cheap at any model size (a few MB read), and it
+    changes when any tensor's name, shape, dtype or place changes, a file is replaced by one of another
+    size, or another finetune of the same architecture is put there."""
     folder = os.path.abspath(folder)
     names = sorted({os.path.relpath(p, folder) for pat in _WEIGHT_PATTERNS
                     for p in glob.glob(os.path.join(folder, "**", pat), recursive=True)})
@@ -154,7 +176,9 @@ def folder_fingerprint(folder: str) -> Dict[str, Any]:
             with open(path, "rb") as f:
                 h.update(f.read())
         elif name.endswith(".safetensors"):
-            h.update(_safetensors_header(path))
+            _sample_safetensors(path, h)
+        else:
+            _sample_blocks(path, files[name], h)
     return {"path": folder, "files": files, "bytes": sum(files.values()), "fingerprint": h.hexdigest()}
 
 
