@@ -231,7 +231,7 @@ def run(args) -> int:
         logger.info("the frozen weights (%s) cannot be rebuilt from a seed: every checkpoint holds them", base["path"])
     if resume_from:
         try:
-            moved = check_base(resume_from, read_state(resume_from), base)
+            moved = check_base(resume_from, read_state(resume_from), base, universal=universal is not None)
         except BaseMismatchError as e:
             raise UsageError(str(e)) from None
         if moved:

@@ -38,16 +38,19 @@ def kill_after_step(cmd, env, run_dir, step, timeout=300):
 
 @pytest.mark.parametrize("ds", ["zero2.json", "zero3.json"])
 def test_sigkill_mid_epoch_then_resume_gives_identical_losses(tmp_path, ds):
-    ref = run_train(opts(tmp_path, "ref", ds=ds), ranks=2)
+    # As the real recipes: ViT and LLM frozen (the checkpoints hold only the Q-Former's weights and state; the
+    # frozen ones come from the base), dropout on (the tiny models carry the official configs' dropout).
+    frozen = ("model.freeze_vit=true", "model.freeze_llm=true")
+    ref = run_train(opts(tmp_path, "ref", *frozen, ds=ds), ranks=2)
     assert ref.returncode == 0
     expected = losses_by_step(tmp_path / "ref")
     assert len(expected) == 12  # 96 samples / (2 ranks x 8) = 6 steps per epoch, 2 epochs
 
-    cmd, env = train_command(opts(tmp_path, "killed", ds=ds), ranks=2)
+    cmd, env = train_command(opts(tmp_path, "killed", *frozen, ds=ds), ranks=2)
     kill_after_step(cmd, env, tmp_path / "killed", step=9)
     # the newest checkpoint is mid-epoch: the resume must restore the position inside the epoch
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step8"
-    resumed = run_train(opts(tmp_path, "killed", ds=ds), ranks=2, args=["--resume"])
+    resumed = run_train(opts(tmp_path, "killed", *frozen, ds=ds), ranks=2, args=["--resume"])
     assert resumed.returncode == 0
     got = losses_by_step(tmp_path / "killed")
     assert got == expected  # bit-exact, step by step

@@ -240,17 +240,21 @@ def same_base(saved: Dict[str, Any], current: Dict[str, Any]) -> bool:
     return bool(saved.get("fingerprint")) and key(saved) == key(current)
 
 
-def check_base(ckpt_dir: str, state: Dict[str, Any], current: Dict[str, Any]) -> Optional[str]:
+def check_base(ckpt_dir: str, state: Dict[str, Any], current: Dict[str, Any], universal: bool = False) -> Optional[str]:
     """Refuse to read a checkpoint whose frozen weights are not in it against another base than its own.
 
     Returns a note when the base moved (same fingerprint, another path), else None. Checkpoints that hold
-    their frozen weights (``run.save_frozen``, or written before this rule) pass whatever the base."""
-    if state.get("frozen_saved", True):
+    their frozen weights (``run.save_frozen``, or written before this rule) pass whatever the base, except
+    through the universal format (``universal``), which carries only what the optimizer holds: the frozen
+    weights are then the base's, and a recorded base must match."""
+    if state.get("frozen_saved", True) and not (universal and state.get("base")):
         return None
     saved = state.get("base") or {}
     if not same_base(saved, current):
+        what = ("holds only the trained weights" if not state.get("frozen_saved", True) else
+                "is read through DeepSpeed's universal format, which holds only the trained weights")
         raise BaseMismatchError(
-            f"{ckpt_dir} holds only the trained weights; its frozen weights come from the base it was trained "
+            f"{ckpt_dir} {what}; its frozen weights come from the base it was trained "
             f"on, {_base_line(saved)}, but this run's base is {_base_line(current)}. Point model.pretrained "
             f"(and model.adapter, run.seed for seeded bases) at the checkpoint's base; a checkpoint saved with "
             f"run.save_frozen=true carries its base with it")
@@ -260,13 +264,13 @@ def check_base(ckpt_dir: str, state: Dict[str, Any], current: Dict[str, Any]) ->
 
 
 @contextlib.contextmanager
-def _frozen_left_out(engine, leave_out: bool):
-    """DeepSpeed's ``exclude_frozen_parameters`` drops the frozen parameters by their first name only; a tied
-    weight (OPT's lm_head is its embedding, T5's encoder/decoder embeddings are ``shared``) would still be
-    written under its other names. Leave out every name of every frozen tensor."""
-    if not leave_out:
-        yield
-        return
+def _frozen_out_of_module(engine):
+    """The frozen weights never go into the module's state dict: by default they are not saved at all
+    (``exclude_frozen_parameters``), and with ``run.save_frozen`` DeepSpeed saves them once, as its
+    ``frozen_param_fragments`` (which its loader and zero_to_fp32 read), instead of twice. DeepSpeed's own
+    exclusion drops a frozen parameter by its first name only; a tied weight (OPT's lm_head is its embedding,
+    T5's encoder/decoder embeddings are ``shared``) would still be written under its other names: every
+    name of every frozen tensor is left out here."""
     module = engine.module
     frozen_ids = {id(p) for p in module.parameters() if not p.requires_grad}
     names = {n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in frozen_ids}
@@ -303,7 +307,7 @@ def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None, 
     try:
         if fault("enospc_in_save") == tag:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        with _frozen_left_out(engine, not save_frozen):
+        with _frozen_out_of_module(engine):
             engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False,
                                    exclude_frozen_parameters=not save_frozen)
         torch.save(rng_state(), os.path.join(final, f"rng_rank{rank}.pt"))
@@ -371,16 +375,15 @@ def weights_only_loads():
         torch.load = original
 
 
-def _checked_module_load(ckpt_dir: str, frozen_saved: bool):
+def _checked_module_load(ckpt_dir: str):
     """DeepSpeed's module load, strict in what it may be: every key the model has is in the checkpoint,
-    except frozen parameters when the checkpoint left them out (they stay as built from the base); no key
-    the model lacks; the same shapes (torch checks those)."""
+    except frozen parameters (they come from DeepSpeed's ``frozen_param_fragments`` when the checkpoint holds
+    them, which its loader copies in next, else stay as built from the base); no key the model lacks; the
+    same shapes (torch checks those)."""
     def load_module(src, dst):
         result = dst.load_state_dict(src, strict=False)
-        frozen = set()
-        if not frozen_saved:
-            ids = {id(p) for p in dst.parameters() if not p.requires_grad}
-            frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if id(p) in ids}
+        ids = {id(p) for p in dst.parameters() if not p.requires_grad}
+        frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if id(p) in ids}
         missing = [k for k in result.missing_keys if k not in frozen]
         if missing or result.unexpected_keys:
             raise RuntimeError(
@@ -391,7 +394,7 @@ def _checked_module_load(ckpt_dir: str, frozen_saved: bool):
     return load_module
 
 
-def _load_zero3_module(engine, ckpt_dir: str, frozen_saved: bool) -> None:
+def _load_zero3_module(engine, ckpt_dir: str) -> None:
     """Weights only under ZeRO-3, from any number of ranks: consolidated by DeepSpeed's zero_to_fp32 for
     this tag (DeepSpeed's own module-only load consolidates the one ``latest`` names, whatever tag was
     asked for), then loaded into the gathered parameters on rank 0 and scattered."""
@@ -404,7 +407,7 @@ def _load_zero3_module(engine, ckpt_dir: str, frozen_saved: bool) -> None:
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         if _rank() == 0:
-            _checked_module_load(ckpt_dir, frozen_saved)(sd, engine.module)
+            _checked_module_load(ckpt_dir)(sd, engine.module)
     if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()
 
@@ -426,9 +429,8 @@ def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[s
             f"interrupted or the folder is something else); resume from checkpoints/latest instead"
         )
     state = read_state(ckpt_dir)
-    frozen_saved = state.get("frozen_saved", True)
     if module_only and engine.zero_optimization_stage() == 3:
-        _load_zero3_module(engine, ckpt_dir, frozen_saved)
+        _load_zero3_module(engine, ckpt_dir)
         return state
     root, tag = os.path.split(os.path.abspath(universal) if universal else ckpt_dir)
     groups = getattr(engine.optimizer, "param_groups", None) or []
@@ -437,7 +439,7 @@ def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[s
         path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
                                          load_optimizer_states=not module_only,
                                          load_lr_scheduler_states=not module_only,
-                                         custom_load_fn=_checked_module_load(ckpt_dir, frozen_saved))
+                                         custom_load_fn=_checked_module_load(ckpt_dir))
     if universal and not module_only:
         _repair_universal_load(engine.optimizer, decays)
     if path is None:
