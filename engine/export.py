@@ -747,7 +747,8 @@ def _check_seeded_base(recipe, adapter_dir: str) -> None:
         stage = None
     if stage == 3:
         parent = os.path.dirname(os.path.abspath(adapter_dir))
-        hint = (f"merge the checkpoint instead (tools/merge_lora.py {parent} OUT_DIR), which holds the base"
+        hint = (f"merge the checkpoint instead (tools/merge_lora.py {parent} OUT_DIR), which holds or names "
+                f"its base"
                 if os.path.isfile(os.path.join(parent, COMPLETE)) else "pass --base with the run's base weights")
         raise ExportError(f"{adapter_dir}: the base of this {m.arch}/{m.model_type} run was random weights built "
                           f"under ZeRO-3 ({recipe.run.deepspeed}), which cannot be rebuilt from the seed; {hint}")

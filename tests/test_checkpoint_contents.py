@@ -45,14 +45,15 @@ def test_model_states_hold_exactly_the_trainable_parameters(tmp_path, ds, extra)
     ckpt = tmp_path / "run" / "checkpoints" / "step2"
     sd = model_states(ckpt)
     model = build_model(load_recipe(TINY, o))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if n not in trainable}
+    named = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    frozen = set(named) - trainable
     assert trainable and frozen
     assert set(sd["module"]) == trainable  # no buffer in these models; no frozen weight under any name
     assert not sd.get("frozen_param_fragments")  # DeepSpeed's second copy of the frozen weights is gone too
     state = json.loads((ckpt / "engine_state.json").read_text())
     assert state["frozen_saved"] is False and state["base"]["reproducible"] is True
-    assert state["base"]["frozen_params"] == sum(p.numel() for n, p in model.named_parameters() if n not in trainable)
+    assert state["base"]["frozen_params"] == sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,9 @@ def test_resume_and_export_rebuild_the_frozen_weights_from_the_recorded_base(ref
     # A checkpoint written before bases were recorded (every weight in it, no record) still resumes and exports.
     assert run_train(opts(tmp_path, "old", "run.save_frozen=true", data_root=data)).returncode == 0
     old = tmp_path / "old" / "checkpoints" / "step2"
-    assert model_states(old)["frozen_param_fragments"]  # the frozen weights are in it
+    held = model_states(old)
+    assert held["frozen_param_fragments"]  # the frozen weights are in it, once: not in the module's state too
+    assert not set(held["frozen_param_fragments"]) & set(held["module"])
     _strip_to_old_format(old)
     again = run_train(opts(tmp_path, "old", "run.save_frozen=true", "run.allow_recipe_change=true", steps=4,
                            data_root=data), args=["--resume"])

@@ -215,7 +215,7 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
             for name, p in frozen:
                 t = p.detach().to(dtype).contiguous()
                 h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy
             base.update(reproducible=True, fingerprint=h.hexdigest())
     if model_cfg.get("adapter"):  # an adapter merged into the base before training is part of it
         base["adapter"] = folder_fingerprint(model_cfg["adapter"])
