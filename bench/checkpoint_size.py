@@ -111,20 +111,45 @@ def measure(name: str, stage: int, repeats: int, work: str):
     return rows
 
 
+def full_size() -> list:
+    """The planner's bytes per checkpoint for every recipe at full size (meta build, no weights)."""
+    import glob
+
+    from engine.config import load_recipe
+    from engine.memory import plan
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))):
+        p = plan(load_recipe(path, check_files=False), suggest=False)
+        rows.append((os.path.relpath(path, ROOT), p.stage, p.checkpoint_gb))
+    return rows
+
+
 def table(rows, command: str) -> str:
     out = [SECTION, "",
            "One checkpoint on disk (every file of the checkpoint folder) and the median time of `checkpoint.save`, "
            "bf16, one process on the CPU, after one training step; beside it the planner's figure "
            "(engine/memory.py `checkpoint_bytes`, tensors only: the files add pickling, the recipe and DeepSpeed's "
-           "records, a few hundred KB here). Before this engine left the frozen weights "
-           "out, DeepSpeed wrote them in the module's state dict and again as `frozen_param_fragments` (ZeRO-2; "
-           "under ZeRO-3 the module holds empty placeholders, so once).", "",
+           "records, a few hundred KB here; under ZeRO-3 these tiny widths keep every parameter below "
+           "`stage3_param_persistence_threshold`, whole in the module's state, which the planner does not count). "
+           "Before this engine left the frozen weights out, DeepSpeed wrote them in the module's state dict and "
+           "again as `frozen_param_fragments` (ZeRO-2; under ZeRO-3 the module holds empty placeholders, so once). "
+           "On the CPU the fragment is `param.cpu()`, the module's own tensor, and torch.save stores a shared "
+           "tensor once: the 'before' rows measured here hold the frozen weights once. On a GPU the fragment is a "
+           "host copy and they are written twice, which is the planner's 'before' figure.", "",
            f"Command: `{command}`", "",
            "| model | ZeRO | params (trained) | checkpoint | bytes | planner bytes | save s |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['stage']} | {r['params']:,} ({r['trained']:,}) | {r['variant']} | "
                    f"{r['bytes']:,} | {r['planned']:,} | {r['save_s']:.3f} |")
+    out += ["", "At full size, planned (GiB per checkpoint, all ranks' files; `python tools/plan_memory.py --recipe R` "
+            "prints it for one recipe):", "",
+            "| recipe | ZeRO | frozen written twice (before) | trained only (default) | frozen once (save_frozen) |",
+            "|---|---|---|---|---|"]
+    for path, stage, c in full_size():
+        out.append(f"| {path} | {stage} | {c['frozen_written_twice']:.2f} | {c['trained_only']:.2f} | "
+                   f"{c['with_frozen']:.2f} |")
     return "\n".join(out) + "\n"
 
 
