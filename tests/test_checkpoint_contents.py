@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from helpers import ROOT, TINY, losses_by_step, run_train, tiny_options
 from engine.build import build_model
