@@ -95,3 +95,32 @@ def test_resume_with_changed_recipe(tmp_path):
     assert arch.returncode == 2 and "model.freeze_vit" in arch.stderr and "cannot change" in arch.stderr
     ok = run_train(o + ["run.init_lr=5e-4", "run.allow_recipe_change=true", "run.max_steps=4"], args=["--resume"])
     assert ok.returncode == 0 and "run.init_lr" in ok.stdout
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"])
+def test_every_familys_dropout_draws_only_from_the_seeded_micro_batch_stream(arch):
+    """The trainer seeds the model's generators before each micro-batch (seeding.micro_batch_seed): the
+    training-mode loss is then a function of that seed alone, whatever else drew random numbers before."""
+    import random
+
+    import torch
+
+    from engine.registry import MODELS
+    from engine.trainer.seeding import micro_batch_seed, seed_model_rng
+
+    model = MODELS.get(arch)(model_type="tiny", freeze_vit=True).train()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts, targets = ["inference: "] * 2, ["a red circle on the left", "a blue square"]
+
+    def loss(chunk, disturb):
+        torch.rand(disturb)  # e.g. a DataLoader or an evaluation that drew from the global generator
+        random.random()
+        seed_model_rng(micro_batch_seed(42, 1, chunk), torch.device("cpu"))
+        with torch.no_grad():
+            return float(model(images, prompts, targets))
+
+    assert loss(3, 1) == loss(3, 1000)  # the same micro-batch: the same dropout masks
+    assert loss(3, 1) != loss(4, 1)  # the real configs' dropout is on: another micro-batch, other masks
+    model.eval()
+    with torch.no_grad():
+        assert float(model(images, prompts, targets)) == float(model(images, prompts, targets))
