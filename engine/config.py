@@ -136,6 +136,9 @@ class RunConfig:
                         "TensorBoard: one entry per step) and a line to the log file.", 10)
     save_every_steps: int = doc("Also save a checkpoint every this many optimizer steps (0 = epoch ends only).", 0)
     keep_last: int = doc("Keep only this many step/epoch checkpoints (0 = keep all; best is never pruned).", 0)
+    save_frozen: bool = doc("Also write the frozen weights into every checkpoint (a full model, readable without the "
+                            "base); by default a checkpoint holds what trained and names its base (model.pretrained "
+                            "or the seeded tiny/random weights) with a fingerprint.", False)
     max_bad_samples: int = doc("Skip up to this many bad records per dataset split (counted and logged) instead of "
                                "failing; a dataset's own max_bad_samples takes precedence. During training, also "
                                "how many images that turn unreadable a rank replaces (bad_samples.jsonl) before "

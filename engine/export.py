@@ -9,8 +9,11 @@
 * :func:`merge_adapter`: such an adapter folder + its base -> a Hugging Face folder with the adapters merged.
 
 The shards are consolidated by DeepSpeed's own ``zero_to_fp32`` (never re-implemented here): trained
-parameters come back as the optimizer's fp32 master weights; frozen parameters come back in the dtype
-the run held them in (bf16 in a bf16 run). ``export_info.json`` says which dtype each part had.
+parameters come back as the optimizer's fp32 master weights. Frozen parameters come from the base the
+checkpoint names (``model.pretrained``, or the seeded weights of a tiny/random model), which must be the
+one it was trained on (engine/trainer/checkpoint.py ``check_base``); a checkpoint that holds them
+(``run.save_frozen``, or one written before checkpoints left them out) gives them in the dtype the run
+held them in (bf16 in a bf16 run). ``export_info.json`` says which dtype each part had.
 
 Every load is strict: a key the model lacks, a key the checkpoint lacks or a shape that differs is an
 error that names them (there is no silent ``strict=False``).
@@ -216,14 +219,17 @@ def consolidated_state_dict(ckpt_dir: str) -> Dict[str, Any]:
             f"copy the checkpoint again or use an earlier one.") from e
 
 
-def load_strict(module: nn.Module, state: Mapping[str, Any], what: str = "checkpoint") -> Dict[str, torch.dtype]:
+def load_strict(module: nn.Module, state: Mapping[str, Any], what: str = "checkpoint",
+                keep: Iterable[str] = ()) -> Dict[str, torch.dtype]:
     """Copy `state` into `module`'s parameters and buffers; every key must match, with the same shape.
 
     Values may be tensors or lazy tensors (with `.shape`, `.dtype`, `.contiguous()`); they are
-    materialised one at a time. Returns the source dtype of each key.
+    materialised one at a time. Returns the source dtype of each key. Keys in `keep` may be absent
+    from `state`: they keep the module's values (frozen weights of a checkpoint that left them out).
     """
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state]
+    keep = set(keep)
+    missing = [k for k in expected if k not in state and k not in keep]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} (model {tuple(expected[k].shape)}, {what} {tuple(state[k].shape)})"
               for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -241,6 +247,9 @@ def load_strict(module: nn.Module, state: Mapping[str, Any], what: str = "checkp
     done = set()
     with torch.no_grad():
         for key, target in expected.items():
+            if key not in state:  # kept (see `keep`)
+                dtypes[key] = target.dtype
+                continue
             dtypes[key] = state[key].dtype
             if id(target) in done:  # tied weights: one tensor under two names
                 continue
@@ -249,34 +258,65 @@ def load_strict(module: nn.Module, state: Mapping[str, Any], what: str = "checkp
     return dtypes
 
 
-def load_checkpoint_model(ckpt: str, recipe: Optional[Mapping[str, Any]] = None):
+def frozen_keys(module: nn.Module) -> List[str]:
+    """Every state-dict name of a frozen parameter (tied weights under each of their names)."""
+    ids = {id(p) for p in module.parameters() if not p.requires_grad}
+    return [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
+
+
+def load_checkpoint_model(ckpt: str, recipe: Optional[Mapping[str, Any]] = None, base: Optional[str] = None):
     """Rebuild the checkpoint's model from its recipe and load the consolidated weights (fp32, eval mode).
 
-    Returns ``(model, recipe_dict, info)``; `info` has the checkpoint folder, step and the dtype per part.
+    The frozen weights a checkpoint left out come from its base: the recipe's ``model.pretrained``, or
+    `base` (a folder holding the same weights, e.g. after moving them), checked against the fingerprint the
+    checkpoint recorded. Returns ``(model, recipe_dict, info)``; `info` has the checkpoint folder, step,
+    the base and the dtype per part.
     """
     from engine.build import build_model
+    from engine.trainer.checkpoint import BaseMismatchError, check_base, describe_base
 
     ckpt_dir = resolve_checkpoint(ckpt)
     state = read_engine_state(ckpt_dir)
     recipe_dict = copy.deepcopy(dict(recipe)) if recipe is not None else checkpoint_recipe(ckpt_dir, state)
-    model = build_model(parse_saved_recipe(recipe_dict, source=os.path.join(ckpt_dir, ENGINE_STATE)))
+    if base is not None:
+        recipe_dict.setdefault("model", {}).update(pretrained=os.path.abspath(base), load_finetuned=False,
+                                                   finetuned=None)
+    parsed = parse_saved_recipe(recipe_dict, source=os.path.join(ckpt_dir, ENGINE_STATE))
+    model = build_model(parsed)
+    frozen_saved = state.get("frozen_saved", True)
+    info_base = None
+    if not frozen_saved:
+        current = describe_base(parsed.to_dict()["model"], parsed.run.seed, parsed.run.precision, model)
+        try:
+            moved = check_base(ckpt_dir, state, current)
+        except BaseMismatchError as e:
+            raise ExportError(f"{e}; or pass --base with the folder of those weights") from None
+        if moved:
+            logger.info(moved)
+        info_base = {k: current.get(k) for k in ("kind", "path", "fingerprint")}
     raw = consolidated_state_dict(ckpt_dir)
     sd = {k[len("hf."):] if k.startswith("hf.") else k: v for k, v in raw.items()}
-    dtypes = load_strict(model.hf, sd, what="checkpoint")
+    keep = [] if frozen_saved else frozen_keys(model.hf)
+    dtypes = load_strict(model.hf, sd, what="checkpoint", keep=keep)
     model.eval()
     info = {
         "source_checkpoint": ckpt_dir,
         "global_step": state.get("global_step"),
         "epoch": state.get("epoch"),
-        "parts": part_summary(model.hf, dtypes),
+        "frozen_from": "checkpoint" if frozen_saved else "base",
+        "parts": part_summary(model.hf, dtypes, from_base=set(keep)),
     }
+    if info_base is not None:
+        info["base"] = info_base
     return model, recipe_dict, info
 
 
 def part_summary(hf: nn.Module, source_dtypes: Mapping[str, torch.dtype],
-                 trained: bool = True) -> Dict[str, Dict[str, Any]]:
+                 trained: bool = True, from_base: Iterable[str] = ()) -> Dict[str, Dict[str, Any]]:
     """Per part (vision, qformer, llm, lora): parameter count and the dtype(s) its tensors had in the source;
-    with `trained`, also whether the run trained it (the model's requires_grad flags, set from the recipe)."""
+    with `trained`, also whether the run trained it (the model's requires_grad flags, set from the recipe).
+    `from_base`: names read from the base instead of the checkpoint (frozen weights it left out)."""
+    from_base = set(from_base)
     out: Dict[str, Dict[str, Any]] = {}
     for name, p in hf.named_parameters():
         part = out.setdefault(_part_of(name), {"params": 0, "trained_params": 0, "source_dtype": set()})
@@ -292,10 +332,13 @@ def part_summary(hf: nn.Module, source_dtypes: Mapping[str, torch.dtype],
         part["trained"] = part["trained_params"] > 0
         if part["trained_params"] == part["params"]:
             part["note"] = "trained: the optimizer's fp32 master weights"
+        elif part["trained_params"] == 0 and from_base:
+            part["note"] = f"frozen: from the base ({part['source_dtype']})"
         elif part["trained_params"] == 0:
             part["note"] = f"frozen: as the run held it ({part['source_dtype']})"
         else:
-            part["note"] = "partly trained: trained tensors are fp32 master weights, frozen ones as the run held them"
+            where = "from the base" if from_base else "as the run held them"
+            part["note"] = f"partly trained: trained tensors are fp32 master weights, frozen ones {where}"
     return out
 
 
@@ -561,8 +604,11 @@ def save_hf_folder(model, out_dir: str, *, recipe_dict: Optional[Mapping[str, An
 
 
 def export_checkpoint(ckpt: str, out_dir: str, *, merge: bool = True, dtype: str = "fp32",
-                      force: bool = False) -> Dict[str, Any]:
+                      force: bool = False, base: Optional[str] = None) -> Dict[str, Any]:
     """A checkpoint of this engine -> a Hugging Face folder (see the module doc). Returns export_info.
+
+    `base`: the folder of the checkpoint's base weights when they are no longer where the recipe says
+    (checked against the fingerprint the checkpoint recorded).
 
     With LoRA in the model: merged into the weights (default), or with ``merge=False`` kept apart: the
     folder holds the base weights and ``adapter/`` the peft adapter folder(s) (see `save_lora_adapter`).
@@ -570,7 +616,7 @@ def export_checkpoint(ckpt: str, out_dir: str, *, merge: bool = True, dtype: str
     ckpt_dir = resolve_checkpoint(ckpt)
     run_dir = os.path.dirname(os.path.dirname(ckpt_dir))
     check_out_dir(out_dir, force, protect=[ckpt_dir, run_dir])
-    model, recipe_dict, info = load_checkpoint_model(ckpt_dir)
+    model, recipe_dict, info = load_checkpoint_model(ckpt_dir, base=base)
     parts = lora_parts(model.hf)
     if not parts or merge:
         if parts:
@@ -685,7 +731,8 @@ def _check_seeded_base(recipe, adapter_dir: str) -> None:
         stage = None
     if stage == 3:
         parent = os.path.dirname(os.path.abspath(adapter_dir))
-        hint = (f"merge the checkpoint instead (tools/merge_lora.py {parent} OUT_DIR), which holds the base"
+        hint = (f"merge the checkpoint instead (tools/merge_lora.py {parent} OUT_DIR), which holds or names "
+                f"its base"
                 if os.path.isfile(os.path.join(parent, COMPLETE)) else "pass --base with the run's base weights")
         raise ExportError(f"{adapter_dir}: the base of this {m.arch}/{m.model_type} run was random weights built "
                           f"under ZeRO-3 ({recipe.run.deepspeed}), which cannot be rebuilt from the seed; {hint}")

@@ -25,6 +25,11 @@ node's CPU for the recipe's ZeRO stage and offload settings:
 * allowances: DeepSpeed's gradient buckets (from the ds config), ZeRO-3's
   resident small parameters and prefetch buffer, the loss's fp32 logits,
   allocator fragmentation and the CUDA context.
+* disk (``checkpoint_bytes``): one checkpoint, every rank's files together: the
+  trained weights (16-bit, or fp32 in fp32 runs; ZeRO-3 keeps them only in the
+  optimizer files), fp32 master weights and both Adam moments (12 B per trained
+  parameter), the LoRA adapter folder (fp32) and, with ``run.save_frozen``, the
+  frozen weights once.
 
 Text lengths are the worst case a recipe allows: prompt + target fill
 ``max_txt_len`` (decoder-only LLMs), the T5 decoder sees ``max_txt_len``
@@ -426,6 +431,7 @@ class MemoryPlan:
     gpu_gb: float  # + fragmentation + CUDA context: what the card must hold
     cpu_gb: float  # per node
     flops_per_sample: float
+    checkpoint_gb: Dict[str, float] = field(default_factory=dict)  # one checkpoint on disk (checkpoint_bytes)
     suggestions: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -444,8 +450,34 @@ class MemoryPlan:
             "gpu_alloc_gb": round(self.gpu_alloc_gb, 2), "gpu_gb": round(self.gpu_gb, 2),
             "cpu_gb": round(self.cpu_gb, 2), "fits": self.fits,
             "flops_per_sample": self.flops_per_sample,
+            "checkpoint_gb": {k: round(v, 3) for k, v in self.checkpoint_gb.items()},
             "suggestions": self.suggestions,
         }
+
+
+def checkpoint_bytes(f: ModelFacts, *, stage: int, precision: str, quant_bits: int = 0, lora: bool = False,
+                     save_frozen: bool = False, frozen_twice: bool = False) -> Dict[str, int]:
+    """Bytes of one checkpoint on disk, all ranks' files together, by what they hold.
+
+    ``frozen_twice``: the layout before checkpoints left the frozen weights out, for comparison: DeepSpeed
+    wrote them in the module's state dict (ZeRO-1/2: whole; ZeRO-3: empty placeholders) and again as
+    ``frozen_param_fragments``."""
+    wb = 4 if precision == "fp32" else 2
+    total, trainable = f.params["all"]["total"], f.params["all"]["trainable"]
+    frozen = total - trainable
+    frozen_bytes = wb * frozen
+    if quant_bits:
+        frozen_bytes -= (wb - QUANT_BYTES[quant_bits]) * f.quantizable
+    out = {"trained_weights": wb * trainable if stage <= 2 else 0,
+           "optimizer": 12 * trainable,
+           "adapter": 4 * trainable if lora else 0,
+           "frozen_weights": 0}
+    if frozen_twice:
+        out["frozen_weights"] = frozen_bytes * (2 if stage <= 2 else 1)
+    elif save_frozen:
+        out["frozen_weights"] = frozen_bytes
+    out["total"] = sum(out.values())
+    return out
 
 
 def _ds_settings(recipe: Recipe) -> Dict[str, Any]:
@@ -504,6 +536,12 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
         quant_bits=bits, workload=work, params=f.params,
         breakdown_gb={k: v / GIB for k, v in breakdown.items()}, gpu_alloc_gb=alloc / GIB, gpu_gb=gpu / GIB,
         cpu_gb=cpu / GIB, flops_per_sample=train_flops_per_sample(f, work))
+    disk = dict(stage=ds["stage"], precision=r.precision, quant_bits=bits, lora=m.lora is not None)
+    result.checkpoint_gb = {
+        "this": checkpoint_bytes(f, **disk, save_frozen=r.save_frozen)["total"] / GIB,
+        "trained_only": checkpoint_bytes(f, **disk)["total"] / GIB,
+        "with_frozen": checkpoint_bytes(f, **disk, save_frozen=True)["total"] / GIB,
+        "frozen_written_twice": checkpoint_bytes(f, **disk, frozen_twice=True)["total"] / GIB}
     if suggest and not result.fits:
         result.suggestions = suggestions(recipe, gpus, gpu_mem_gb, nodes)
     return result
@@ -609,6 +647,13 @@ def format_plan(p: MemoryPlan) -> str:
     lines.append(f"  GPU peak {p.gpu_gb:.1f} GiB of {p.gpu_mem_gb:g}: "
                  + ("fits" if p.fits else "does NOT fit"))
     lines.append(f"  CPU peak {p.cpu_gb:.1f} GiB per node (model load, offloaded states, {p.gpus} process(es))")
+    if p.checkpoint_gb:
+        c = p.checkpoint_gb
+        other = "with the frozen weights (run.save_frozen=true)" if c["this"] == c["trained_only"] else \
+            "without the frozen weights (run.save_frozen=false)"
+        alt = c["with_frozen"] if c["this"] == c["trained_only"] else c["trained_only"]
+        lines.append(f"  disk {c['this']:.2f} GiB per checkpoint ({alt:.2f} {other}; "
+                     f"{c['frozen_written_twice']:.2f} when frozen weights were written twice)")
     if p.suggestions:
         lines.append("  to make it fit:")
         for s in p.suggestions:

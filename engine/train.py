@@ -261,6 +261,19 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
+    # The base of the frozen weights: checkpoints name it instead of holding its weights (checkpoint.py).
+    from engine.trainer.checkpoint import BaseMismatchError, check_base, describe_base, read_state
+
+    base = describe_base(recipe.to_dict()["model"], r.seed, r.precision, model)
+    if not base["reproducible"] and not r.save_frozen:
+        logger.info("the frozen weights (%s) cannot be rebuilt from a seed: every checkpoint holds them", base["path"])
+    if resume_from:
+        try:
+            moved = check_base(resume_from, read_state(resume_from), base, universal=universal is not None)
+        except BaseMismatchError as e:
+            raise UsageError(str(e)) from None
+        if moved:
+            logger.info(moved)
 
     # 3. Data. Augmentation randomness differs per rank; model init above did not.
     torch.manual_seed(r.seed + rank)
@@ -288,7 +301,7 @@ def run(args) -> int:
             lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
         )
         trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
-                          output_dir=r.output_dir)
+                          output_dir=r.output_dir, base=base)
 
     # 5. Train (or only evaluate), then save.
     try:

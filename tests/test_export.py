@@ -100,9 +100,10 @@ def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, z
         assert (out / name).is_file(), name
     info = json.loads((out / "export_info.json").read_text())
     assert info["global_step"] == 2 and info["source_checkpoint"] == os.path.realpath(ckpt)
-    # bf16 run: the frozen ViT comes back as the run held it (bf16), trained parts as fp32 masters.
-    assert info["parts"]["vision"]["trained"] is False
-    assert info["parts"]["vision"]["source_dtype"] == "bfloat16"
+    # bf16 run: the frozen ViT is not in the checkpoint and comes from the base (the seeded tiny weights, fp32),
+    # trained parts as fp32 masters.
+    assert info["parts"]["vision"]["trained"] is False and info["frozen_from"] == "base"
+    assert info["parts"]["vision"]["source_dtype"] == "float32" and "from the base" in info["parts"]["vision"]["note"]
     assert info["parts"]["qformer"]["source_dtype"] == info["parts"]["llm"]["source_dtype"] == "float32"
     assert info["saved_dtype"] == "fp32"
 
@@ -112,12 +113,18 @@ def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, z
     hf = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=0, atol=0)
 
-    # The weights the bf16 engine computed with (its module states) are the export's, rounded to bf16.
+    # The weights the bf16 engine computed with are the export's, rounded to bf16: the trained ones (its module
+    # states, which hold nothing else) and the frozen ViT (the base's, which the run held in bf16).
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = hf.state_dict()
-    assert set(state) == {k[len("hf."):] for k in module}
+    assert {k[len("hf."):] for k in module} == {n for n, p in engine_model.hf.named_parameters(remove_duplicate=False)
+                                                if p.requires_grad}  # tied weights under each name
     for key, value in module.items():
         assert torch.equal(state[key[len("hf."):]].to(value.dtype), value), key
+    base = build_model(parse_saved_recipe(json.loads((ckpt / "engine_state.json").read_text())["recipe"]))
+    for key, value in base.hf.state_dict().items():
+        if key.startswith("vision_model."):
+            assert torch.equal(state[key], value), key
 
     # The engine's builder loads the folder through recipe.yaml (model.pretrained points at it).
     recipe = parse_saved_recipe(yaml.safe_load((out / "recipe.yaml").read_text()))

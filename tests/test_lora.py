@@ -32,14 +32,22 @@ def test_lora_on_llm_and_qformer_attaches_to_documented_modules_and_trains(arch)
 
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+
+    def eval_loss():  # without the models' dropout, which makes single training losses noisy
+        model.eval()
+        with torch.no_grad():
+            loss = float(model(images, PROMPTS, TARGETS))
+        model.train()
+        return loss
+
+    before = eval_loss()
     for _ in range(4):
         loss = model(images, PROMPTS, TARGETS)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] - 0.1, losses
+    after = eval_loss()
+    assert after < before - 0.1, (before, after)
     # peft starts every lora_B at zero: each one moved, so every adapter got gradients.
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 

@@ -38,16 +38,19 @@ def kill_after_step(cmd, env, run_dir, step, timeout=300):
 
 @pytest.mark.parametrize("ds", ["zero2.json", "zero3.json"])
 def test_sigkill_mid_epoch_then_resume_gives_identical_losses(tmp_path, ds):
-    ref = run_train(opts(tmp_path, "ref", ds=ds), ranks=2)
+    # As the real recipes: ViT and LLM frozen (the checkpoints hold only the Q-Former's weights and state; the
+    # frozen ones come from the base), dropout on (the tiny models carry the official configs' dropout).
+    frozen = ("model.freeze_vit=true", "model.freeze_llm=true")
+    ref = run_train(opts(tmp_path, "ref", *frozen, ds=ds), ranks=2)
     assert ref.returncode == 0
     expected = losses_by_step(tmp_path / "ref")
     assert len(expected) == 12  # 96 samples / (2 ranks x 8) = 6 steps per epoch, 2 epochs
 
-    cmd, env = train_command(opts(tmp_path, "killed", ds=ds), ranks=2)
+    cmd, env = train_command(opts(tmp_path, "killed", *frozen, ds=ds), ranks=2)
     kill_after_step(cmd, env, tmp_path / "killed", step=9)
     # the newest checkpoint is mid-epoch: the resume must restore the position inside the epoch
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step8"
-    resumed = run_train(opts(tmp_path, "killed", ds=ds), ranks=2, args=["--resume"])
+    resumed = run_train(opts(tmp_path, "killed", *frozen, ds=ds), ranks=2, args=["--resume"])
     assert resumed.returncode == 0
     got = losses_by_step(tmp_path / "killed")
     assert got == expected  # bit-exact, step by step
@@ -92,3 +95,32 @@ def test_resume_with_changed_recipe(tmp_path):
     assert arch.returncode == 2 and "model.freeze_vit" in arch.stderr and "cannot change" in arch.stderr
     ok = run_train(o + ["run.init_lr=5e-4", "run.allow_recipe_change=true", "run.max_steps=4"], args=["--resume"])
     assert ok.returncode == 0 and "run.init_lr" in ok.stdout
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"])
+def test_every_familys_dropout_draws_only_from_the_seeded_micro_batch_stream(arch):
+    """The trainer seeds the model's generators before each micro-batch (seeding.micro_batch_seed): the
+    training-mode loss is then a function of that seed alone, whatever else drew random numbers before."""
+    import random
+
+    import torch
+
+    from engine.registry import MODELS
+    from engine.trainer.seeding import micro_batch_seed, seed_model_rng
+
+    model = MODELS.get(arch)(model_type="tiny", freeze_vit=True).train()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts, targets = ["inference: "] * 2, ["a red circle on the left", "a blue square"]
+
+    def loss(chunk, disturb):
+        torch.rand(disturb)  # e.g. a DataLoader or an evaluation that drew from the global generator
+        random.random()
+        seed_model_rng(micro_batch_seed(42, 1, chunk), torch.device("cpu"))
+        with torch.no_grad():
+            return float(model(images, prompts, targets))
+
+    assert loss(3, 1) == loss(3, 1000)  # the same micro-batch: the same dropout masks
+    assert loss(3, 1) != loss(4, 1)  # the real configs' dropout is on: another micro-batch, other masks
+    model.eval()
+    with torch.no_grad():
+        assert float(model(images, prompts, targets)) == float(model(images, prompts, targets))

@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="engine checkpoint (folder, checkpoints/latest, checkpoints/best or run folder) or adapter "
                         "folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must not exist or be empty (see --force)")
-    p.add_argument("--base", help="adapter folder only: Hugging Face folder of the base model "
-                                  "(default: the recipe's model.pretrained)")
+    p.add_argument("--base", help="Hugging Face folder of the base model (default: the recipe's model.pretrained); "
+                                  "for a checkpoint, only when its base moved (checked against its fingerprint)")
     p.add_argument("--recipe", help="adapter folder only: recipe YAML (a training recipe or a run's config.yaml) "
                                     "when the folder carries none")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
@@ -57,9 +57,10 @@ def main(argv=None) -> int:
                 raise ExportError(f"{e}; nor is it an adapter folder (with adapter_info.json or "
                                   f"adapter_config.json)") from None
             print(ckpt.describe(), flush=True)
-            if args.base or args.recipe:
-                raise ExportError("--base and --recipe apply to adapter folders; a checkpoint carries its own")
-            info = export_checkpoint(ckpt.folder, args.out_dir, merge=True, dtype=args.dtype, force=args.force)
+            if args.recipe:
+                raise ExportError("--recipe applies to adapter folders; a checkpoint carries its own")
+            info = export_checkpoint(ckpt.folder, args.out_dir, merge=True, dtype=args.dtype, force=args.force,
+                                     base=args.base)
             if "lora" not in info:
                 print(f"note: {ckpt.folder} has no LoRA adapters; exported the weights as they are",
                       file=sys.stderr)

@@ -7,7 +7,7 @@
 The model is built on the meta device (no memory, no download); parameters are
 counted per part and the ZeRO stage, offload, batch, image size, text length and
 checkpointing of the recipe give the prediction (engine/memory.py explains the
-model). When it does not fit, the changes that would make it fit are listed.
+model), and the disk size of one checkpoint. When it does not fit, the changes that would make it fit are listed.
 Exit status: 0 fits, 1 does not fit, 2 the recipe is invalid.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def table(paths, gpu_counts, gpu_mem: float) -> str:
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
     head = ["recipe", "ZeRO", "params (trainable)", "batch/GPU"] + [f"GPU GiB, {gpus(n)}" for n in gpu_counts] \
-        + [f"CPU GiB, {gpus(n)}" for n in gpu_counts]
+        + [f"CPU GiB, {gpus(n)}" for n in gpu_counts] + ["checkpoint GiB (frozen weights written twice)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path in paths:
         recipe = load_recipe(path, check_files=False)
@@ -49,8 +49,9 @@ def table(paths, gpu_counts, gpu_mem: float) -> str:
         params = f"{count(p.params['all']['total'])} ({count(p.params['all']['trainable'])})"
         gb = [f"{q.gpu_gb:.1f}" + ("" if q.fits else " (does not fit)") for q in plans]
         cpu = [f"{q.cpu_gb:.0f}" for q in plans]
+        disk = f"{p.checkpoint_gb['this']:.2f} ({p.checkpoint_gb['frozen_written_twice']:.2f})"
         rows.append("| " + " | ".join([os.path.relpath(path, ROOT), zero, params, str(p.workload.batch), *gb,
-                                       *cpu]) + " |")
+                                       *cpu, disk]) + " |")
     return "\n".join(rows)
 
 

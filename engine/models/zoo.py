@@ -109,36 +109,39 @@ ZOO_T5_INSTRUCT = {
 
 
 def _tiny_text(family: str, tokenizer: PreTrainedTokenizerBase) -> Dict[str, Any]:
-    # Dropout off: tiny models are for tests and demos, which should be deterministic.
+    # Dropout as in the official checkpoints (OPT dropout 0.1 / attention 0.0, Flan-T5 0.1, LLaMA attention 0.0),
+    # so the tests of exact resume see the random numbers real runs draw.
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if family == "opt":
         return dict(common, model_type="opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                     word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                    dropout=0.0, attention_dropout=0.0, init_std=0.02)
+                    dropout=0.1, attention_dropout=0.0, init_std=0.02)
     if family == "t5":
         # initializer_factor 0.25: T5 draws the untied lm_head from N(0, factor), which at
         # 1.0 starts the tiny model at a loss of ~30 with grad norms in the hundreds.
         return dict(common, model_type="t5", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                     num_heads=4, initializer_factor=0.25, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                    tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=tokenizer.pad_token_id)
+                    tie_word_embeddings=False, dropout_rate=0.1, decoder_start_token_id=tokenizer.pad_token_id)
     if family == "llama":
         return dict(common, model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
-                    bos_token_id=tokenizer.bos_token_id, initializer_range=0.02, tie_word_embeddings=False)
+                    bos_token_id=tokenizer.bos_token_id, initializer_range=0.02, tie_word_embeddings=False,
+                    attention_dropout=0.0)
     raise ValueError(f"unknown LLM family '{family}'")
 
 
 def tiny_config(family: str, instruct: bool, tokenizer: PreTrainedTokenizerBase,
                 qformer_tokenizer: Optional[PreTrainedTokenizerBase] = None):
-    """Config of a tiny model: same classes as the real ones, 2 layers, tiny widths.
+    """Config of a tiny model: same classes as the real ones, 2 layers, tiny widths, the real dropout
+    (Q-Former 0.1 hidden and attention, ViT attention 0.0, as the official BLIP-2 configs).
 
     initializer_range is 0.02 everywhere, for the reason given at `_EVA_VIT_G`.
     """
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=64, patch_size=8, initializer_range=0.02)
+                  image_size=64, patch_size=8, initializer_range=0.02, attention_dropout=0.0)
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    cross_attention_frequency=1, max_position_embeddings=128, initializer_range=0.02,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     if qformer_tokenizer is not None:
         qformer.update(vocab_size=len(qformer_tokenizer), pad_token_id=qformer_tokenizer.pad_token_id)
     cls = InstructBlipConfig if instruct else Blip2Config

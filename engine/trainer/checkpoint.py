@@ -4,22 +4,34 @@ Layout under ``output_dir/checkpoints/``::
 
     <tag>/                 DeepSpeed files (model + optimizer shards) written by every rank
     <tag>/rng_rank<R>.pt   each rank's RNG states (python, numpy, torch)
-    <tag>/engine_state.json  step, epoch, position in the epoch, metrics (rank 0)
+    <tag>/engine_state.json  step, epoch, position in the epoch, metrics, the base (rank 0)
     <tag>/COMPLETE         written last, after every rank finished
     latest                 the tag of the newest complete checkpoint (moved with os.replace)
 
 A checkpoint counts only once ``COMPLETE`` exists: ``latest`` moves after all
 ranks passed a barrier, so a crash mid-save leaves the previous one in charge.
+
+Only what trains is written: the trained parameters (and persistent buffers), their optimizer
+state and the engine's state. Frozen weights (a frozen ViT and LLM, the base under LoRA) are the
+base's: ``engine_state.json`` records where they come from (``base``: the ``model.pretrained``
+folder, or the seeded weights of a tiny / random model) with a fingerprint, and every reader
+rebuilds them from that base, refusing another one (:func:`check_base`). ``run.save_frozen: true``
+writes them too (``frozen_saved`` in the state), for users who will not keep the base; so do bases
+that cannot be rebuilt (random weights initialised partitioned under ZeRO-3). Checkpoints written
+before this rule hold every weight and load as they are.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import hashlib
 import json
 import os
 import pickle
 import random
 import shutil
+import struct
 from typing import Any, Dict, List, Optional
 
 from engine.trainer.faults import fault
@@ -106,12 +118,185 @@ class CheckpointSaveError(RuntimeError):
     """A save failed; the previous checkpoint is untouched and still ``latest``."""
 
 
-def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None) -> str:
+# ----------------------------------------------------------------------------- the base of the frozen weights
+
+class BaseMismatchError(ValueError):
+    """A checkpoint without frozen weights is read against another base than the one it was trained on."""
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
+
+
+_SAMPLE = 4096  # bytes read from the start of every tensor (safetensors) or of every block (other formats)
+
+
+def _sample_safetensors(path: str, h) -> None:
+    """Hash a safetensors file's header (every tensor's name, dtype, shape and byte range: its index) and the
+    first bytes of every tensor: two finetunes of one architecture have the same index, not the same bytes."""
+    with open(path, "rb") as f:
+        size = f.read(8)
+        if len(size) < 8:
+            return
+        (n,) = struct.unpack("<Q", size)
+        header = f.read(min(n, 100 * 2**20))
+        h.update(header)
+        try:
+            index = json.loads(header)
+        except ValueError:
+            return
+        for name in sorted(k for k in index if k != "__metadata__"):
+            start, end = index[name].get("data_offsets", (0, 0))
+            f.seek(8 + n + start)
+            h.update(f.read(min(end - start, _SAMPLE)))
+
+
+def _sample_blocks(path: str, size: int, h, blocks: int = 64) -> None:
+    """Other weight formats (pickles): hash evenly spaced blocks of the file."""
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(size * i // blocks)
+            h.update(f.read(_SAMPLE))
+
+
+def folder_fingerprint(folder: str) -> Dict[str, Any]:
+    """Sizes of a weights folder's files and a hash of their index (the ``*.index.json`` files and every
+    safetensors header) and of a sample of their bytes: cheap at any model size (a few MB read), and it
+    changes when any tensor's name, shape, dtype or place changes, a file is replaced by one of another
+    size, or another finetune of the same architecture is put there."""
+    folder = os.path.abspath(folder)
+    names = sorted({os.path.relpath(p, folder) for pat in _WEIGHT_PATTERNS
+                    for p in glob.glob(os.path.join(folder, "**", pat), recursive=True)})
+    h = hashlib.sha256()
+    files = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        files[name] = os.path.getsize(path)
+        h.update(f"{name}\0{files[name]}\0".encode())
+        if name.endswith(".index.json"):
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith(".safetensors"):
+            _sample_safetensors(path, h)
+        else:
+            _sample_blocks(path, files[name], h)
+    return {"path": folder, "files": files, "bytes": sum(files.values()), "fingerprint": h.hexdigest()}
+
+
+def _frozen_named(module) -> List[tuple]:
+    return [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+
+
+def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -> Dict[str, Any]:
+    """Where a run's frozen weights come from, with a fingerprint to recognise it later.
+
+    ``model_cfg``: the recipe's model section (a dict); ``model``: the model as built for training,
+    before DeepSpeed wraps it (its frozen weights are still whole, except under ZeRO-3 partitioned
+    loading). A folder is fingerprinted by :func:`folder_fingerprint`; seeded random weights (a tiny
+    model without a folder, ``pretrained: random``) by a hash of their values in the run's precision,
+    unless they were initialised partitioned (ZeRO-3), which no seed reproduces: ``reproducible``
+    is then false and the frozen weights must be saved.
+    """
+    import torch
+
+    pretrained = model_cfg.get("finetuned") if model_cfg.get("load_finetuned") else model_cfg.get("pretrained")
+    frozen = _frozen_named(model)
+    numel = sum(getattr(p, "ds_numel", None) or p.numel() for _, p in frozen)
+    base: Dict[str, Any]
+    if pretrained is not None and pretrained != "random":
+        base = {"kind": "folder", **folder_fingerprint(pretrained), "reproducible": True}
+    else:
+        what = f"{model_cfg.get('arch')}/{model_cfg.get('model_type')} random weights from seed {seed}"
+        base = {"kind": "seeded", "path": what, "seed": seed}
+        if any(hasattr(p, "ds_id") for _, p in frozen):
+            base.update(reproducible=False, fingerprint=None)
+        else:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            h = hashlib.sha256()
+            for name, p in frozen:
+                t = p.detach().to(dtype).contiguous()
+                h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy
+            base.update(reproducible=True, fingerprint=h.hexdigest())
+    if model_cfg.get("adapter"):  # an adapter merged into the base before training is part of it
+        base["adapter"] = folder_fingerprint(model_cfg["adapter"])
+    base["frozen_params"] = int(numel)
+    return base
+
+
+def _base_line(base: Dict[str, Any]) -> str:
+    fp = base.get("fingerprint") or "none"
+    line = f"{base.get('path')} (fingerprint {fp[:16]}"
+    if base.get("kind") == "folder":
+        line += f", {len(base.get('files', {}))} weight file(s), {base.get('bytes', 0):,} bytes"
+    if base.get("adapter"):
+        line += f", adapter {base['adapter']['path']} {base['adapter']['fingerprint'][:16]}"
+    return line + ")"
+
+
+def same_base(saved: Dict[str, Any], current: Dict[str, Any]) -> bool:
+    def key(b):
+        return b.get("kind"), b.get("fingerprint"), (b.get("adapter") or {}).get("fingerprint")
+
+    return bool(saved.get("fingerprint")) and key(saved) == key(current)
+
+
+def check_base(ckpt_dir: str, state: Dict[str, Any], current: Dict[str, Any], universal: bool = False) -> Optional[str]:
+    """Refuse to read a checkpoint whose frozen weights are not in it against another base than its own.
+
+    Returns a note when the base moved (same fingerprint, another path), else None. Checkpoints that hold
+    their frozen weights (``run.save_frozen``, or written before this rule) pass whatever the base, except
+    through the universal format (``universal``), which carries only what the optimizer holds: the frozen
+    weights are then the base's, and a recorded base must match."""
+    if state.get("frozen_saved", True) and not (universal and state.get("base")):
+        return None
+    saved = state.get("base") or {}
+    if not same_base(saved, current):
+        what = ("holds only the trained weights" if not state.get("frozen_saved", True) else
+                "is read through DeepSpeed's universal format, which holds only the trained weights")
+        raise BaseMismatchError(
+            f"{ckpt_dir} {what}; its frozen weights come from the base it was trained "
+            f"on, {_base_line(saved)}, but this run's base is {_base_line(current)}. Point model.pretrained "
+            f"(and model.adapter, run.seed for seeded bases) at the checkpoint's base; a checkpoint saved with "
+            f"run.save_frozen=true carries its base with it")
+    if saved.get("path") != current.get("path"):
+        return f"base weights of {ckpt_dir}: same files as {saved.get('path')}, now read from {current.get('path')}"
+    return None
+
+
+@contextlib.contextmanager
+def _frozen_out_of_module(engine):
+    """The frozen weights never go into the module's state dict: by default they are not saved at all
+    (``exclude_frozen_parameters``), and with ``run.save_frozen`` DeepSpeed saves them once, as its
+    ``frozen_param_fragments`` (which its loader and zero_to_fp32 read), instead of twice. DeepSpeed's own
+    exclusion drops a frozen parameter by its first name only; a tied weight (OPT's lm_head is its embedding,
+    T5's encoder/decoder embeddings are ``shared``) would still be written under its other names: every
+    name of every frozen tensor is left out here."""
+    module = engine.module
+    frozen_ids = {id(p) for p in module.parameters() if not p.requires_grad}
+    names = {n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in frozen_ids}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        sd = original(*args, **kwargs)
+        for n in names:
+            sd.pop(n, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None, save_frozen: bool = True) -> str:
     """Save a checkpoint on every rank; returns its folder. ``latest`` moves only when all ranks are done.
 
     ``extra_writer(folder)`` (optional) runs on every rank after DeepSpeed's files are written, e.g. to
-    store a LoRA adapter beside them.
+    store a LoRA adapter beside them. ``save_frozen=False`` leaves the frozen weights out (they are the
+    base's, which ``state["base"]`` names).
     """
+    state = dict(state, frozen_saved=bool(save_frozen))
     final = os.path.join(root, tag)
     rank = _rank()
     if rank == 0:
@@ -122,7 +307,9 @@ def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None) 
     try:
         if fault("enospc_in_save") == tag:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False)
+        with _frozen_out_of_module(engine):
+            engine.save_checkpoint(root, tag=tag, client_state={"engine_state": state}, save_latest=False,
+                                   exclude_frozen_parameters=not save_frozen)
         torch.save(rng_state(), os.path.join(final, f"rng_rank{rank}.pt"))
         if extra_writer is not None:
             extra_writer(final)
@@ -188,6 +375,43 @@ def weights_only_loads():
         torch.load = original
 
 
+def _checked_module_load(ckpt_dir: str):
+    """DeepSpeed's module load, strict in what it may be: every key the model has is in the checkpoint,
+    except frozen parameters (they come from DeepSpeed's ``frozen_param_fragments`` when the checkpoint holds
+    them, which its loader copies in next, else stay as built from the base); no key the model lacks; the
+    same shapes (torch checks those)."""
+    def load_module(src, dst):
+        result = dst.load_state_dict(src, strict=False)
+        ids = {id(p) for p in dst.parameters() if not p.requires_grad}
+        frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if id(p) in ids}
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"the weights in {ckpt_dir} do not match the model built from the recipe: "
+                f"{len(missing)} key(s) missing ({', '.join(missing[:10])}), {len(result.unexpected_keys)} "
+                f"unexpected ({', '.join(result.unexpected_keys[:10])}); a checkpoint of another model/LoRA setting")
+
+    return load_module
+
+
+def _load_zero3_module(engine, ckpt_dir: str) -> None:
+    """Weights only under ZeRO-3, from any number of ranks: consolidated by DeepSpeed's zero_to_fp32 for
+    this tag (DeepSpeed's own module-only load consolidates the one ``latest`` names, whatever tag was
+    asked for), then loaded into the gathered parameters on rank 0 and scattered."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(ckpt_dir)
+    with weights_only_loads(), contextlib.redirect_stdout(None):
+        sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if _rank() == 0:
+            _checked_module_load(ckpt_dir)(sd, engine.module)
+    if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+
+
 def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[str] = None,
          restore_rng: bool = True) -> Dict[str, Any]:
     """Restore model, optimizer, LR schedule and this rank's RNG (or only the model); return the engine state.
@@ -195,6 +419,8 @@ def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[s
     ``universal``: the checkpoint's universal form (reshape.py) to load the DeepSpeed state from instead,
     for a run on another number of ranks or ZeRO stage (DeepSpeed's ``checkpoint.load_universal`` must be
     on). ``restore_rng=False`` keeps this rank's RNG as seeded (another layout: no such rank was saved).
+    Frozen weights the checkpoint left out stay as the model was built (from its base: :func:`check_base`
+    must have passed).
     """
     ckpt_dir = os.path.abspath(ckpt_dir)
     if not is_complete(ckpt_dir):
@@ -202,13 +428,18 @@ def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[s
             f"{ckpt_dir} is not a complete checkpoint of this engine (no {COMPLETE} marker: the save was "
             f"interrupted or the folder is something else); resume from checkpoints/latest instead"
         )
+    state = read_state(ckpt_dir)
+    if module_only and engine.zero_optimization_stage() == 3:
+        _load_zero3_module(engine, ckpt_dir)
+        return state
     root, tag = os.path.split(os.path.abspath(universal) if universal else ckpt_dir)
     groups = getattr(engine.optimizer, "param_groups", None) or []
     decays = [g.get("weight_decay") for g in groups]
     with weights_only_loads():
         path, _ = engine.load_checkpoint(root, tag=tag, load_module_only=module_only,
                                          load_optimizer_states=not module_only,
-                                         load_lr_scheduler_states=not module_only)
+                                         load_lr_scheduler_states=not module_only,
+                                         custom_load_fn=_checked_module_load(ckpt_dir))
     if universal and not module_only:
         _repair_universal_load(engine.optimizer, decays)
     if path is None:
@@ -216,8 +447,7 @@ def load(engine, ckpt_dir: str, module_only: bool = False, universal: Optional[s
     rng_file = os.path.join(ckpt_dir, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file) and not module_only and restore_rng:
         set_rng_state(safe_torch_load(rng_file))
-    with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
-        return json.load(f)
+    return state
 
 
 def _repair_universal_load(optimizer, decays: List[Optional[float]]) -> None:

@@ -29,7 +29,7 @@ from engine.trainer import checkpoint
 from engine.trainer.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
-from engine.trainer.seeding import SeededDataset, SeededSampler
+from engine.trainer.seeding import SeededDataset, SeededSampler, micro_batch_seed, seed_model_rng
 
 logger = logging.getLogger("engine")
 
@@ -83,7 +83,7 @@ def _peak_mem_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, engine, recipe: Recipe, datasets: Dict[str, Any], *, rank: int, world_size: int,
-                 micro_batches_per_epoch: int, output_dir: str):
+                 micro_batches_per_epoch: int, output_dir: str, base: Optional[Dict[str, Any]] = None):
         self.engine = engine
         self.model = engine.module
         self.recipe = recipe
@@ -98,6 +98,10 @@ class Trainer:
         self.micro_per_epoch = micro_batches_per_epoch
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.task = build_task(recipe)
+        # Where the frozen weights come from (checkpoint.describe_base); checkpoints leave them out unless asked
+        # (run.save_frozen) or the base cannot be rebuilt.
+        self.base = base
+        self.save_frozen = self.run.save_frozen or base is None or not base.get("reproducible", False)
         # Progress, saved in every checkpoint.
         self.global_step = 0
         self.epoch = 0
@@ -135,12 +139,16 @@ class Trainer:
         return on_device(self._loader(ds, sampler, epoch), ds, self.device)
 
     def _loader(self, ds, sampler, epoch: int):
-        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py."""
+        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py.
+
+        It has its own generator: a DataLoader draws its workers' base seed when an iterator starts, and
+        drawn from the global generator that would move the stream dropout uses between a checkpoint's
+        restore and the next step."""
         return torch.utils.data.DataLoader(
             SeededDataset(ds, replace_unreadable=True), batch_size=self.run.batch_size_train,
             sampler=SeededSampler(sampler, self.run.seed, epoch), collate_fn=collate,
             num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
-            worker_init_fn=_ignore_signals,
+            worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(self.run.seed + epoch),
         )
 
     def eval_loader(self, split: str):
@@ -149,7 +157,8 @@ class Trainer:
         sampler = ExactDistributedSampler(n, self.world, self.rank, shuffle=False)
         return torch.utils.data.DataLoader(ds, batch_size=self.run.batch_size_eval, sampler=sampler,
                                            collate_fn=collate, num_workers=self.run.num_workers,
-                                           worker_init_fn=_ignore_signals)
+                                           worker_init_fn=_ignore_signals,
+                                           generator=torch.Generator().manual_seed(self.run.seed))
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Any]:
@@ -161,6 +170,7 @@ class Trainer:
                 # that does not depend on the layout (a resume on another number of ranks converts it).
                 "samples_in_epoch": self.micro_in_epoch * self.run.batch_size_train * self.world,
                 "bad_samples": self.bad_samples,
+                "base": self.base,
                 "recipe": self.recipe.to_dict()}
 
     def resume(self, ckpt_dir: str, universal: Optional[str] = None) -> None:
@@ -207,7 +217,8 @@ class Trainer:
 
     def save(self, tag: str) -> str:
         writer = self._write_adapter if self.recipe.model.lora is not None and not self.recipe.model.adapter else None
-        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state(), extra_writer=writer)
+        path = checkpoint.save(self.engine, self.ckpt_root, tag, self.state(), extra_writer=writer,
+                               save_frozen=self.save_frozen)
         checkpoint.prune(self.ckpt_root, self.run.keep_last, protect=[tag, self.best_tag or ""])
         logger.info("saved checkpoint %s", path)
         return path
@@ -219,6 +230,10 @@ class Trainer:
         device (its value is read in ``_flush``), and whether the micro-batch was skipped because a rank's
         loss was not finite."""
         self._inject_raise()
+        # Dropout draws from a stream seeded by the micro-batch's place in the run (seeding.py): the same masks
+        # after a resume, on any number of ranks, whatever ran in between (evaluation, a save).
+        chunk = self.micro_in_epoch * self.world + self.rank
+        seed_model_rng(micro_batch_seed(self.run.seed, self.epoch, chunk), self.device)
         image = batch["image"].to(self.device, non_blocking=True)
         loss = self._inject_nan(self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"]))
         if self._vote(loss):

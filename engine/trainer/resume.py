@@ -25,7 +25,7 @@ BATCH = ("run.batch_size_train", "run.accum_grad_iters")  # judged together with
 FREE = ("run.output_dir", "run.resume_ckpt_path", "run.overwrite_output_dir", "run.log_freq", "run.val_freq",
         "run.num_workers", "run.batch_size_eval", "run.num_beams", "run.max_len", "run.min_len",
         "run.repetition_penalty", "run.length_penalty", "run.valid_splits", "run.test_splits", "run.evaluate",
-        "run.keep_last", "run.save_every_steps", "run.max_eval_samples", "run.best_metric", "run.patience",
+        "run.keep_last", "run.save_every_steps", "run.save_frozen", "run.max_eval_samples", "run.best_metric", "run.patience",
         "run.spice", "run.allow_recipe_change", "model.pretrained", "model.use_grad_checkpoint",
         "run.max_bad_samples", "run.retrieval_group_size", "run.deepspeed", "run.dist_timeout_s")
 

@@ -10,6 +10,7 @@ its own augmentation; it is 0 otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Iterator, Tuple
 
@@ -22,6 +23,27 @@ from engine.data.errors import ImageReadError
 def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
     """A fixed mixing of the numbers (no Python hash(): it is salted per process)."""
     return (seed * 1_000_003 + epoch * 10_007 + int(index) * 7 + int(copy) * 104_729 + 12345) % (2**31 - 1)
+
+
+def micro_batch_seed(seed: int, epoch: int, chunk: int) -> int:
+    """The seed of the random numbers the model draws (dropout) for one micro-batch: a function of where the
+    micro-batch is in the run, not of the rank or the process, so a resumed run (on any number of ranks:
+    micro-batch ``k`` of rank ``r`` is chunk ``k R + r`` of the epoch, engine/data/sampler.py) draws the same
+    dropout masks as the uninterrupted one. A hash, so neighbouring chunks and epochs get unrelated seeds."""
+    digest = hashlib.blake2b(f"dropout:{seed}:{epoch}:{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def seed_model_rng(seed: int, device: torch.device) -> None:
+    """Seed the generators the forward pass draws from: the CPU one, and the current accelerator's (only that
+    device: seeding every CUDA device would cost more than a small step)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    elif device.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().manual_seed(seed)
 
 
 class SeededSampler(torch.utils.data.Sampler):
