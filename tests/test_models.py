@@ -185,6 +185,25 @@ def test_generation_lengths_count_as_lavis(arch):
         model.generate(images(1), [""], max_len=7, length_counting="tokens")
 
 
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5_instruct"])
+def test_image_size_is_the_checkpoints_unless_asked(arch, tmp_path):
+    model = build(arch)
+    with pytest.raises(ValueError, match=r"\(96, 96\) px, but the ViT takes 64 px"):
+        model(images(size=96), PROMPTS, TARGETS)
+    resized = build(arch, image_size=96).eval()  # the position embeddings interpolated once, in the weights
+    emb = resized.hf.vision_model.embeddings
+    assert resized.image_size == resized.hf.config.vision_config.image_size == 96
+    assert emb.position_embedding.shape[1] == (96 // 8) ** 2 + 1
+    torch.testing.assert_close(emb.position_embedding[:, :1], model.hf.vision_model.embeddings.position_embedding[:, :1])
+    assert torch.isfinite(resized(images(size=96), PROMPTS, TARGETS))
+    resized.hf.save_pretrained(tmp_path)  # and a folder says so: plain transformers runs it at 96 px
+    reloaded = type(resized.hf).from_pretrained(tmp_path)
+    assert reloaded.config.vision_config.image_size == 96
+    torch.testing.assert_close(reloaded.vision_model.embeddings.position_embedding, emb.position_embedding)
+    with pytest.raises(ValueError, match="multiple of the ViT's patch size 8"):
+        build(arch, image_size=100)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_image_changes_the_loss(arch):
     # Without the <image> placeholder ids transformers silently drops the image; prove it is used.

@@ -262,9 +262,13 @@ class VisionLanguageModel(nn.Module):
 
     def _pixels(self, image: torch.Tensor) -> Tuple[torch.Tensor, bool]:
         dtype = self.hf.vision_model.embeddings.patch_embedding.weight.dtype
-        # A checkpoint trained at another resolution still runs: interpolate the position embeddings.
-        interpolate = tuple(image.shape[-2:]) != (self.image_size, self.image_size)
-        return image.to(dtype=dtype), interpolate
+        if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+            # transformers would interpolate the position embeddings on every call, silently; a size other
+            # than the checkpoint's is asked for with model.image_size, which resizes them once.
+            raise ValueError(f"images of {tuple(image.shape[-2:])} px, but the ViT takes {self.image_size} px; "
+                             f"give {self.image_size} px images, or set model.image_size to train and run at "
+                             f"another size")
+        return image.to(dtype=dtype), False
 
     # ---------------------------------------------------------------- API
     def forward(self, image: torch.Tensor, prompt: Sequence[str], text_output: Sequence[str]) -> torch.Tensor:
