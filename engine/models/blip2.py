@@ -526,14 +526,13 @@ def vit_image_size(config) -> int:
 
 
 def checkpoint_image_size(arch: str, model_type: str, pretrained: Optional[str] = None) -> Optional[int]:
-    """The image size of the ViT `arch`/`model_type` (or the folder `pretrained`) was trained at; None if
-    the folder is not there to read (validation of a recipe before the weights are copied)."""
+    """The image size of the ViT of the folder `pretrained` (its config.json), else of the official
+    checkpoint of `arch`/`model_type` (the zoo; a folder not copied here yet is taken to hold it).
+    None for an unknown model_type."""
     spec = ARCHS[arch]
     entry = spec.zoo.get(model_type)
-    if pretrained and pretrained != "random":
-        cfg_file = os.path.join(pretrained, "config.json")
-        if not os.path.isfile(cfg_file):
-            return None
+    cfg_file = os.path.join(pretrained, "config.json") if pretrained and pretrained != "random" else ""
+    if cfg_file and os.path.isfile(cfg_file):
         with open(cfg_file) as f:
             size = ((json.load(f).get("vision_config") or {}).get("image_size"))
         return int(size[0] if isinstance(size, (list, tuple)) else size) if size else 224  # transformers' default
