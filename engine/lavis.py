@@ -358,6 +358,8 @@ def _recipe_for(arch: str, model_type: str, base: Optional[str], lavis_config: M
         model["image_size"] = image_size
     lavis_run = lavis_config.get("run") if isinstance(lavis_config.get("run"), Mapping) else {}
     run = {k: lavis_run[k] for k in ("num_beams", "max_len", "min_len") if isinstance(lavis_run.get(k), int)}
+    if arch in ("blip2_vicuna_instruct", "blip2_t5_instruct"):
+        run["repetition_penalty"] = 1.5  # LAVIS's InstructBLIP generate() default (its caption task keeps it)
     return {"model": model, "datasets": _dataset_sections(lavis_config, region, text), "run": run}
 
 

@@ -323,7 +323,9 @@ def test_hf_folder_of_every_family_loads_with_its_processor(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"])
 def test_exported_folder_generates_as_the_engine_in_plain_transformers(arch, tmp_path):
     """config + generation_config + processor + weights: plain transformers (the saved processor and
-    `generate` with the saved generation settings) gives the engine's own captions, greedy and beam."""
+    `generate` with the saved generation settings) gives the engine's own captions. Greedy in both length
+    countings; beam search with lengths in new tokens (with LAVIS's counting the engine also ranks beams cut
+    at the length limit as LAVIS does, which plain transformers cannot be told)."""
     import numpy as np
     from PIL import Image
     from transformers import AutoProcessor, GenerationConfig
@@ -331,29 +333,33 @@ def test_exported_folder_generates_as_the_engine_in_plain_transformers(arch, tmp
     from engine.build import build_model
     from engine.export import save_hf_folder
 
-    recipe = tiny_recipe(f"model.arch={arch}", "run.max_len=9", "run.min_len=4")
-    model = build_model(recipe).eval()
-    with torch.no_grad():  # a sharper random LM, so captions vary with the image and prompt
-        model.hf.language_model.get_output_embeddings().weight.mul_(8.0)
-    out = tmp_path / "out"
-    save_hf_folder(model, str(out), recipe_dict=recipe.to_dict(), info={})
-    hf = hf_class(model).from_pretrained(out, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(out)
-    saved = GenerationConfig.from_pretrained(out)
-    assert saved.eos_token_id == model.eos_id == hf.config.text_config.eos_token_id
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
-    prompt = "a photo of" if model.family == "opt" else "what is in the picture?"
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    assert inputs["pixel_values"].shape[-1] == model.image_size
-    for beams in (1, 3):
-        ours = model.generate(inputs["pixel_values"], [prompt], num_beams=beams, max_len=9, min_len=4)[0]
-        ids = hf.generate(**inputs, generation_config=saved, num_beams=beams)
-        if model.decoder_only:
-            ids = ids[:, inputs["input_ids"].shape[1]:]
-        theirs = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        assert theirs == ours, (beams, theirs, ours)
-        assert ours
+    for counting in ("new_tokens", "lavis"):
+        recipe = tiny_recipe(f"model.arch={arch}", "run.max_len=9", "run.min_len=4",
+                             f"run.length_counting={counting}")
+        model = build_model(recipe).eval()
+        with torch.no_grad():  # a sharper random LM, so captions vary with the image and prompt
+            model.hf.language_model.get_output_embeddings().weight.mul_(8.0)
+        out = tmp_path / counting
+        save_hf_folder(model, str(out), recipe_dict=recipe.to_dict(), info={})
+        hf = hf_class(model).from_pretrained(out, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(out)
+        saved = GenerationConfig.from_pretrained(out)
+        assert saved.eos_token_id == model.eos_id == hf.config.text_config.eos_token_id
+        assert (saved.max_new_tokens, saved.min_new_tokens) == model.generation_lengths(9, 4, counting)
+        prompt = "a photo of" if model.family == "opt" else "what is in the picture?"
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        assert inputs["pixel_values"].shape[-1] == model.image_size
+        for beams in ((1, 3) if counting == "new_tokens" else (1,)):
+            ours = model.generate(inputs["pixel_values"], [prompt], num_beams=beams, max_len=9, min_len=4,
+                                  length_counting=counting)[0]
+            ids = hf.generate(**inputs, generation_config=saved, num_beams=beams)
+            if model.decoder_only:
+                ids = ids[:, inputs["input_ids"].shape[1]:]
+            theirs = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+            assert theirs == ours, (counting, beams, theirs, ours)
+            assert ours
 
 
 def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, capsys):

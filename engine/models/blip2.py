@@ -373,14 +373,39 @@ class VisionLanguageModel(nn.Module):
             options["top_p"] = top_p
         # hf.generate reads query_tokens outside any submodule's forward, so
         # ZeRO-3 would leave it partitioned (an empty tensor) without this.
+        rerank = length_counting == "lavis" and num_beams > 1 and not use_nucleus_sampling
+        if rerank:  # every finished beam and its score, to rank them as LAVIS does (see `_lavis_best`)
+            options.update(num_return_sequences=num_beams, output_scores=True, return_dict_in_generate=True)
         with _gathered([self.hf.query_tokens]):
             out = self.hf.generate(pixel_values=pixels, input_ids=input_ids.to(device),
                                    attention_mask=attention.to(device), interpolate_pos_encoding=interpolate,
                                    **inputs, **options)
+        scores = out.sequences_scores if rerank else None
+        out = out.sequences if rerank else out
         if self.decoder_only and out.shape[1] >= input_ids.shape[1] and torch.equal(
-                out[:, : input_ids.shape[1]].cpu(), input_ids):
+                out[:, : input_ids.shape[1]].cpu(), input_ids.repeat_interleave(out.shape[0] // len(rows), 0)):
             out = out[:, input_ids.shape[1]:]  # the LLM returns prompt + continuation
+        elif not self.decoder_only:
+            out = out[:, 1:]  # the decoder's start token
+        if rerank:
+            out = self._lavis_best(out, scores, num_beams, max_new, length_penalty)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _lavis_best(self, seqs: torch.Tensor, scores: torch.Tensor, num_beams: int, max_new: int,
+                    length_penalty: float) -> torch.Tensor:
+        """The best of each sample's `num_beams` finished beams as LAVIS's transformers (4.33) ranks them.
+
+        Both divide a beam's summed log-probability by its length ** length_penalty. A beam that ended
+        with the end token has the same length in both (its tokens, end included). A beam cut at the
+        length limit counts one token more in LAVIS: its output starts with the leading bos (decoder-only)
+        or the decoder's start token (T5), which transformers 5 does not count.
+        """
+        seqs, scores = seqs.cpu(), scores.float().cpu()
+        ended = (seqs == self.eos_id).any(1)
+        n = max_new
+        lavis = torch.where(ended, scores, scores * (n / (n + 1)) ** length_penalty)
+        best = lavis.view(-1, num_beams).argmax(1) + torch.arange(0, seqs.shape[0], num_beams)
+        return seqs[best]
 
     # ---------------------------------------------------------------- parameters
     def train(self, mode: bool = True):

@@ -9,7 +9,8 @@ with the special tokens laid out like the real tokenizer of that family:
 * t5:    <pad>=0 </s>=1 <unk>=2, no bos, </s> appended to inputs
 * llama: <unk>=0 <s>=1 </s>=2, [PAD] added after the vocabulary, bos = eos = </s> (as InstructBLIP
   Vicuna's tokenizer in LAVIS and in the official folders)
-* qformer (BERT-like, lower-cased): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+* qformer (BERT-like, lower-cased): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, [DEC] added as bos
+  (as InstructBLIP's)
 
 The LLM tokenizers also carry the `<image>` placeholder as an added special
 token: transformers' BLIP-2 writes the Q-Former outputs over the positions of
@@ -109,6 +110,9 @@ def _tokenizer_json(kind: str) -> str:
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
+        # InstructBLIP's Q-Former tokenizer adds [DEC] as its bos (LAVIS init_tokenizer; the official
+        # qformer_tokenizer has it too: 30522 + 1 ids).
+        tok.add_special_tokens(["[DEC]"])
     else:
         raise ValueError(f"no local tokenizer for '{kind}'; choose opt, t5, llama or qformer")
     return tok.to_str()
@@ -118,7 +122,8 @@ _SPECIALS = {
     "opt": dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"),
     "t5": dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>"),
     "llama": dict(bos_token="</s>", eos_token="</s>", pad_token="[PAD]", unk_token="<unk>"),
-    "qformer": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"),
+    "qformer": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]",
+                    bos_token="[DEC]"),
 }
 
 
