@@ -371,11 +371,11 @@ class VisionLanguageModel(nn.Module):
                 [_GeneratedRepetitionPenalty(repetition_penalty, input_ids.shape[1], lead)])
         if use_nucleus_sampling:
             options["top_p"] = top_p
-        # hf.generate reads query_tokens outside any submodule's forward, so
-        # ZeRO-3 would leave it partitioned (an empty tensor) without this.
         rerank = length_counting == "lavis" and num_beams > 1 and not use_nucleus_sampling
         if rerank:  # every finished beam and its score, to rank them as LAVIS does (see `_lavis_best`)
             options.update(num_return_sequences=num_beams, output_scores=True, return_dict_in_generate=True)
+        # hf.generate reads query_tokens outside any submodule's forward, so
+        # ZeRO-3 would leave it partitioned (an empty tensor) without this.
         with _gathered([self.hf.query_tokens]):
             out = self.hf.generate(pixel_values=pixels, input_ids=input_ids.to(device),
                                    attention_mask=attention.to(device), interpolate_pos_encoding=interpolate,
