@@ -218,3 +218,57 @@ def test_cuda_arch_suffixes_are_made_readable_for_deepspeeds_op_builder():
         assert "-gencode=arch=compute_90,code=sm_90" in args and "-gencode=arch=compute_100,code=compute_100" in args
         assert normalize_cuda_arch_list() == ""  # already readable: untouched, nothing said
     assert normalize_cuda_arch_list({}) == ""
+
+
+def test_lavis_optimisation_defaults_no_clipping_and_lavis_decay_groups():
+    """grad_clip: LAVIS never clips; weight decay on every trained parameter of 2+ dimensions that is not a
+    bias (query_tokens included), as LAVIS's get_optimizer_params."""
+    from engine.models import build_vlm
+    from engine.trainer.loop import param_groups
+
+    r = parse_recipe(tiny())
+    assert r.run.grad_clip == 0.0 and r.run.warmup_lr is None and r.run.lr_sched == "linear_warmup_cosine_lr"
+    assert fill_ds_config(r, world_size=1, on_cpu=True)["gradient_clipping"] == 0.0
+    model = build_vlm("blip2_opt", model_type="tiny")
+    groups = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert "hf.query_tokens" in decay and "hf.language_projection.weight" in decay
+    assert "hf.language_projection.bias" in no_decay and "hf.vision_model.post_layernorm.weight" in no_decay
+    assert all(n.endswith("bias") or model.get_parameter(n).dim() < 2 for n in no_decay)
+    assert all(model.get_parameter(n).dim() >= 2 for n in decay)
+
+
+# LAVIS's lavis/projects/blip2/train/caption_coco_ft.yaml with its model type's defaults
+# (configs/models/blip2/blip2_caption_opt2.7b.yaml), as the engine names them.
+CAPTION_COCO_FT = {
+    "model.arch": "blip2_opt", "model.model_type": "caption_coco_opt2.7b", "model.load_finetuned": False,
+    "model.use_grad_checkpoint": True, "model.freeze_vit": False, "model.image_size": 364, "model.max_txt_len": 32,
+    "model.prompt": "a photo of ",  # blip_caption's prompt, as it is applied to the targets
+    "vis_processor.train": {"name": "blip2_image_train", "image_size": 364},
+    "vis_processor.eval": {"name": "blip_image_eval", "image_size": 364},
+    "text_processor.train": {"name": "blip_caption"}, "text_processor.eval": {"name": "blip_caption"},
+    "run.task": "captioning", "run.lr_sched": "linear_warmup_cosine_lr", "run.init_lr": 1e-5, "run.min_lr": 0,
+    "run.warmup_lr": 1e-8, "run.warmup_steps": 1000, "run.weight_decay": 0.05, "run.max_epoch": 5,
+    "run.batch_size_train": 16, "run.batch_size_eval": 8, "run.num_workers": 4, "run.accum_grad_iters": 1,
+    "run.max_len": 30, "run.min_len": 8, "run.num_beams": 5, "run.seed": 42, "run.train_splits": ["train"],
+    "run.valid_splits": ["val"], "run.test_splits": ["test"], "run.grad_clip": 0.0, "run.length_counting": "lavis",
+    "run.evaluate": False,
+}
+
+
+def test_coco_recipe_is_lavis_caption_coco_ft_key_for_key():
+    r = load_recipe(os.path.join(RECIPES, "coco_caption_opt2.7b.yaml"), check_files=False)
+    ds = r.datasets["coco_caption"]
+    for key, want in CAPTION_COCO_FT.items():
+        section, name = key.split(".", 1)
+        if section in ("vis_processor", "text_processor"):
+            p = getattr(ds, section)[name]
+            got = {"name": p.name, **p.kwargs}
+        else:
+            got = getattr(getattr(r, section), name)
+        assert got == want, (key, got, want)
+    header = open(os.path.join(RECIPES, "coco_caption_opt2.7b.yaml")).read().split("\nmodel:")[0]
+    assert "caption_coco_ft.yaml" in header and "Deliberate differences" in header
