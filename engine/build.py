@@ -40,6 +40,8 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
         freeze_llm=m.freeze_llm,
         use_grad_checkpoint=m.use_grad_checkpoint,
         max_txt_len=m.max_txt_len,
+        max_output_txt_len=m.max_output_txt_len,
+        image_size=m.image_size,
         lora=lora,
         load_in_8bit=m.load_in_8bit,
         load_in_4bit=m.load_in_4bit,
@@ -55,6 +57,17 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
                              f"model; use a ZeRO-2 config, or merge it first with tools/merge_lora.py")
         apply_adapter(model, m.adapter)
     return model
+
+
+def model_image_size(recipe: Recipe) -> int:
+    """The size images are given to the ViT: model.image_size, else the checkpoint's."""
+    from engine.models import checkpoint_image_size
+
+    m = recipe.model
+    if m.image_size is not None:
+        return int(m.image_size)
+    folder = m.finetuned if m.load_finetuned else m.pretrained
+    return checkpoint_image_size(m.arch, m.model_type, folder) or 224
 
 
 def _processor(spec, default_name: str, image_size: Optional[int], uint8: bool = False):
@@ -82,7 +95,7 @@ def build_dataset(recipe: Recipe, name: str, split: str, is_train: bool, **overr
     spec = recipe.datasets[name]
     slot = "train" if is_train else "eval"
     vis = _processor(spec.vis_processor.get(slot), "blip2_image_train" if is_train else "blip_image_eval",
-                     recipe.model.image_size, uint8=is_train)
+                     model_image_size(recipe), uint8=is_train)
     text = _processor(spec.text_processor.get(slot), None, None)
     kwargs = dataclasses.asdict(spec.options)
     if "max_bad_samples" in kwargs and not kwargs["max_bad_samples"]:
@@ -131,7 +144,8 @@ def build_task(recipe: Recipe):
     kwargs = {} if r.best_metric is None else {"best_metric": r.best_metric}
     if r.task == "captioning":
         kwargs.update(num_beams=r.num_beams, max_len=r.max_len, min_len=r.min_len,
-                      repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty, spice=r.spice)
+                      repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty, spice=r.spice,
+                      length_counting=r.length_counting)
     elif r.task == "sherlock_retrieval":
         kwargs.update(group_size=r.retrieval_group_size, batch_size=r.batch_size_eval)
     return TASKS.get(r.task)(**kwargs)

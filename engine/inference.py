@@ -83,14 +83,14 @@ class DataSettings:
 
 
 def data_settings(recipe) -> DataSettings:
-    from engine.build import _processor
+    from engine.build import _processor, model_image_size
 
     if not recipe.datasets:
         raise ExportError("the recipe has no dataset section; it cannot say how images were prepared")
     name = "sherlock" if "sherlock" in recipe.datasets else next(iter(recipe.datasets))
     spec = recipe.datasets[name]
     opts = spec.options
-    vis = _processor(spec.vis_processor.get("eval"), "blip_image_eval", recipe.model.image_size)
+    vis = _processor(spec.vis_processor.get("eval"), "blip_image_eval", model_image_size(recipe))
     text = _processor(spec.text_processor.get("eval"), None, None)
     return DataSettings(dataset=name, region=getattr(opts, "region", None),
                         crop_margin=float(getattr(opts, "crop_margin", 0.1)), text=getattr(opts, "text", None),
@@ -158,6 +158,7 @@ def generate(model, recipe, image_path: str, *, boxes: Sequence[Sequence[float]]
     text = model.generate(pixels.unsqueeze(0).to(param.device, param.dtype), [full_prompt],
                           num_beams=num_beams or r.num_beams, max_len=max_len or r.max_len,
                           min_len=min(min_len if min_len is not None else r.min_len, max_len or r.max_len),
-                          repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty)[0]
+                          repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty,
+                          length_counting=r.length_counting)[0]
     return {"text": text, "prompt": full_prompt, "region_mode": settings.region, "text_mode": settings.text,
             "notes": notes}

@@ -511,7 +511,9 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
         offload_optimizer=ds["offload_optimizer"], offload_param=ds["offload_param"],
         largest_layer=f.largest_layer, weight_bytes=weight_bytes, precision=r.precision,
         build_bytes=weight_bytes / total)  # engine/train.py builds in the run's precision (8/4-bit: quantised)
-    work = Workload(batch=r.batch_size_train, image_size=m.image_size, max_txt_len=m.max_txt_len,
+    from engine.build import model_image_size
+
+    work = Workload(batch=r.batch_size_train, image_size=model_image_size(recipe), max_txt_len=m.max_txt_len,
                     grad_checkpoint=m.use_grad_checkpoint, precision=r.precision)
     acts = activation_bytes(f, work)
     if ds["stage"] <= 2:
