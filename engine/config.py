@@ -68,7 +68,16 @@ class ModelConfig:
     freeze_vit: bool = doc("Keep the vision tower frozen (BLIP-2 default).", True)
     freeze_qformer: bool = doc("Freeze the Q-Former, query tokens and language projection.", False)
     freeze_llm: bool = doc("Keep the language model frozen (BLIP-2 default; LoRA adapters still train).", True)
-    use_grad_checkpoint: bool = doc("Activation checkpointing in the trained parts: less memory, ~30% slower.", False)
+    use_grad_checkpoint: bool = doc("As LAVIS: activation checkpointing of the ViT's layers when the ViT trains "
+                                    "(freeze_vit: false); a frozen ViT keeps no activations and is never "
+                                    "recomputed, so then this changes nothing.", False)
+    checkpoint_qformer: bool = doc("Activation checkpointing of the Q-Former's layers when it trains: less memory, "
+                                   "its forward runs twice. An explicit choice; tools/plan_memory.py suggests it "
+                                   "only when the batch does not fit otherwise.", False)
+    checkpoint_llm: bool = doc("Activation checkpointing of the LLM's layers (backward always runs through them, "
+                               "frozen or not): saves the most memory, costs a second LLM forward (~25% more "
+                               "FLOPs). An explicit choice; tools/plan_memory.py suggests it only when the batch "
+                               "does not fit otherwise.", False)
     prompt: str = doc("Text put before the target; the same prompt is used for label masking and generation.", "")
     max_txt_len: int = doc("As LAVIS: BLIP-2 (OPT, Flan-T5): the most text tokens per sample (OPT: bos + prompt + "
                            "target + end; T5: prompt and target each). InstructBLIP: the most prompt tokens (its "

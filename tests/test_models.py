@@ -256,15 +256,35 @@ def test_overfits_two_samples(arch):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def test_frozen_parts_and_grad_checkpointing_match_plain_grads():
-    plain = build("blip2_opt", freeze_vit=False, freeze_llm=False)
-    ckpt = build("blip2_opt", freeze_vit=False, freeze_llm=False, use_grad_checkpoint=True)
-    for m in (plain, ckpt):
+def _checkpointed(model):
+    parts = {"vision": model.hf.vision_model, "qformer": model.hf.qformer, "llm": model.hf.language_model}
+    return {k for k, m in parts.items() if any(getattr(x, "gradient_checkpointing", False) for x in m.modules())}
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5_instruct"])
+def test_grad_checkpointing_leaves_gradients_unchanged(arch):
+    plain = build(arch, freeze_vit=False, freeze_llm=False)
+    every = build(arch, freeze_vit=False, freeze_llm=False, use_grad_checkpoint=True, checkpoint_qformer=True,
+                  checkpoint_llm=True)
+    assert _checkpointed(plain) == set() and _checkpointed(every) == {"vision", "qformer", "llm"}
+    for m in (plain, every):
         torch.manual_seed(0)  # the same dropout masks (the real models' dropout): checkpointing replays them
         m(images(), PROMPTS, TARGETS).backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    only_llm = build("blip2_t5", freeze_qformer=True, freeze_llm=False, use_grad_checkpoint=True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), every.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=0, atol=0)
+
+
+def test_use_grad_checkpoint_is_lavis_s_vit_only():
+    # The recipes' setting: frozen ViT and LLM. Nothing is recomputed: a frozen ViT builds no graph, and the
+    # LLM and Q-Former are checkpointed only when their own keys say so.
+    frozen = build("blip2_opt", use_grad_checkpoint=True)
+    assert _checkpointed(frozen) == set()
+    assert _checkpointed(build("blip2_opt", freeze_vit=False, use_grad_checkpoint=True)) == {"vision"}
+    assert _checkpointed(build("blip2_opt", checkpoint_llm=True)) == {"llm"}
+    assert _checkpointed(build("blip2_opt", checkpoint_qformer=True)) == {"qformer"}
+    only_llm = build("blip2_t5", freeze_qformer=True, freeze_llm=False, checkpoint_llm=True)
     s = only_llm.parameter_summary()
     assert s["qformer"]["trainable"] == 0 and s["vision"]["trainable"] == 0
     assert s["llm"]["trainable"] == s["llm"]["total"] > 0

@@ -619,7 +619,11 @@ def _set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze
             p.requires_grad_(train)
 
 
-def _enable_checkpointing(hf: nn.Module) -> None:
+def _enable_checkpointing(hf: nn.Module, *, vision: bool, qformer: bool, llm: bool) -> None:
+    """Activation checkpointing: each chosen stack keeps only its layers' inputs and recomputes a layer in
+    backward. A part whose weights are all frozen and below which nothing trains builds no graph at all, so
+    there is nothing to recompute: the ViT is checkpointed only when it trains (LAVIS's use_grad_checkpoint);
+    the Q-Former and the LLM only when asked (model.checkpoint_qformer / model.checkpoint_llm)."""
     def enable(module):
         kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks when a part's inputs need no grad
         if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -630,9 +634,10 @@ def _enable_checkpointing(hf: nn.Module) -> None:
     def trains(prefix):
         return any(p.requires_grad for n, p in hf.named_parameters() if n.startswith(prefix))
 
-    # Backward always runs through the LLM (down to the Q-Former's soft prompt), frozen or not.
-    enable(hf.language_model)
-    if trains("qformer."):
+    if llm:
+        # Backward always runs through the LLM (down to the Q-Former's soft prompt), frozen or not.
+        enable(hf.language_model)
+    if qformer and trains("qformer."):
         # The Q-Former's input is the query tokens (a parameter), not token ids, so
         # transformers' warning that it cannot make its input embeddings require grad is moot.
         level = hf_logging.get_verbosity()
@@ -641,12 +646,13 @@ def _enable_checkpointing(hf: nn.Module) -> None:
             enable(hf.qformer)
         finally:
             hf_logging.set_verbosity(level)
-    if trains("vision_model.encoder.") or trains("vision_model.embeddings."):  # not for ln_vision alone
+    if vision and (trains("vision_model.encoder.") or trains("vision_model.embeddings.")):  # not ln_vision alone
         enable(hf.vision_model)
 
 
 def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, freeze_vit: bool = True,
               freeze_qformer: bool = False, freeze_llm: bool = True, use_grad_checkpoint: bool = False,
+              checkpoint_qformer: bool = False, checkpoint_llm: bool = False,
               max_txt_len: int = 32, max_output_txt_len: Optional[int] = None, image_size: Optional[int] = None,
               lora: Optional[Dict[str, Any]] = None, load_in_8bit: bool = False,
               load_in_4bit: bool = False, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -695,8 +701,8 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
         lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
     _set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
-    if use_grad_checkpoint:
-        _enable_checkpointing(hf)
+    if use_grad_checkpoint or checkpoint_qformer or checkpoint_llm:
+        _enable_checkpointing(hf, vision=use_grad_checkpoint, qformer=checkpoint_qformer, llm=checkpoint_llm)
     model = VisionLanguageModel(hf, tokenizer, family=spec.family, instruct=spec.instruct, max_txt_len=max_txt_len,
                                 qformer_tokenizer=qformer_tokenizer, freeze_vit=freeze_vit,
                                 max_output_txt_len=max_output_txt_len)
