@@ -386,3 +386,24 @@ def test_random_mode_builds_official_opt27b_on_meta():
     assert s["all"]["total"] == 3_744_679_936  # BLIP-2 OPT-2.7b, tied embeddings
     assert s["qformer"]["trainable"] == s["all"]["trainable"] == 107_133_696  # + ln_vision
     assert model.hf.query_tokens.is_meta and model.image_size == 224
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_gives_transformers_loss_without_reading_masks(arch):
+    """The training loss (lean inputs, no padding masks for the causal decoders, no all-ones image mask)
+    equals transformers' forward on the full inputs, on a batch with padding in every part."""
+    model = build(arch).eval()
+    prompts = ["a photo of ", "question: what is in the highlighted region? answer:"]
+    lean = model.build_inputs(prompts, TARGETS, lean=True)
+    full = model.build_inputs(prompts, TARGETS)
+    assert "attention_mask" in full and (full.get("attention_mask") == 0).any()  # this batch is padded
+    if model.decoder_only:
+        assert "attention_mask" not in lean
+    else:
+        assert "decoder_attention_mask" not in lean and "attention_mask" in lean  # prompts of two lengths
+    with torch.no_grad():
+        ours = model(images(), inputs=lean)
+        theirs = model.hf(pixel_values=images(), use_cache=False, **full).loss
+        strings = model(images(), prompts, TARGETS)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert float(strings) == float(ours)
