@@ -125,6 +125,8 @@ class RunConfig:
     batch_size_eval: int = doc("Evaluation batch size per GPU.", 8)
     accum_grad_iters: int = doc("Micro-batches per optimizer step (gradient accumulation).", 1)
     num_workers: int = doc("DataLoader worker processes per rank.", 2)
+    compile: bool = doc("torch.compile each repeated layer (ViT, Q-Former and LLM blocks) before training; the "
+                        "first steps compile. Off until measured on a GPU (docs/benchmarks.md).", False)
     precision: Literal["bf16", "fp16", "fp32"] = doc(
         "Training precision. fp16 needs a GPU and is refused for Flan-T5.", "bf16"
     )

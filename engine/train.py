@@ -259,6 +259,10 @@ def run(args) -> int:
             model = build_model(recipe, dtype=DTYPES[r.precision])
     except CheckpointMismatchError as e:
         raise UsageError(str(e)) from None
+    if r.compile:
+        from engine.models import compile_layers
+
+        logger.info("run.compile: %d repeated layers compile on their first call", compile_layers(model))
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
     # The base of the frozen weights: checkpoints name it instead of holding its weights (checkpoint.py).

@@ -407,3 +407,22 @@ def test_training_forward_gives_transformers_loss_without_reading_masks(arch):
         strings = model(images(), prompts, TARGETS)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert float(strings) == float(ours)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_in_bf16():
+    """run.compile: torch.compile of the repeated layers (ViT, Q-Former, OPT blocks) on the CPU, bf16."""
+    from engine.models import compile_layers
+
+    eager = build("blip2_opt", freeze_vit=False, freeze_llm=False, torch_dtype=torch.bfloat16).eval()
+    compiled = build("blip2_opt", freeze_vit=False, freeze_llm=False, torch_dtype=torch.bfloat16).eval()
+    assert compile_layers(compiled) == 2 + 2 + 2  # two layers in each of the three stacks
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    losses = []
+    for m in (eager, compiled):
+        loss = m(images().bfloat16(), PROMPTS, TARGETS)
+        loss.backward()
+        losses.append(loss.float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)  # bf16: ~3 significant digits
+    grads = [torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])
+             for m in (eager, compiled)]
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99

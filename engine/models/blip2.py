@@ -740,6 +740,19 @@ def _enable_checkpointing(hf: nn.Module, *, vision: bool, qformer: bool, llm: bo
         enable(hf.vision_model)
 
 
+def compile_layers(model: nn.Module, **options) -> int:
+    """torch.compile every repeated layer of `model` in place (`nn.Module.compile`: parameter names and
+    checkpoints stay as they are): the ViT's, the Q-Former's and the LLM's blocks, the children of each
+    ModuleList of one class. Layers of one shape share their compiled code. Returns how many were compiled."""
+    n = 0
+    for _, stack in model.named_modules():
+        if isinstance(stack, nn.ModuleList) and len(stack) > 1 and len({type(m) for m in stack}) == 1:
+            for layer in stack:
+                layer.compile(**options)
+                n += 1
+    return n
+
+
 def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, freeze_vit: bool = True,
               freeze_qformer: bool = False, freeze_llm: bool = True, use_grad_checkpoint: bool = False,
               checkpoint_qformer: bool = False, checkpoint_llm: bool = False,
