@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -681,3 +682,38 @@ def format_plan(p: MemoryPlan) -> str:
             gb = f" -> {s['gpu_gb']:.1f} GiB" if "gpu_gb" in s else ""
             lines.append(f"    - {s['change']}{gb}" + (f"   (--options {opts})" if opts else ""))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- batch_size_train: auto
+
+AUTO_CPU_MICRO_BATCH = 16  # without a GPU there is no memory to fill: CPU runs are tests and demos
+
+
+def device_memory_gb() -> Optional[float]:
+    """Total memory of this rank's GPU (LOCAL_RANK) in GiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.cuda.get_device_properties(index).total_memory / GIB
+
+
+def auto_micro_batch(recipe: Recipe, gpus: int, gpu_mem_gb: Optional[float]) -> int:
+    """The micro batch for ``run.batch_size_train: auto``: the largest divisor of the per-rank share of
+    run.global_batch_size that the planner predicts to fit ``gpu_mem_gb`` (accumulation makes up the rest).
+    Without a GPU (``gpu_mem_gb`` None) the largest divisor up to AUTO_CPU_MICRO_BATCH."""
+    per_rank = recipe.run.global_batch_size // gpus
+    divisors = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    if gpu_mem_gb is None:
+        return next(b for b in divisors if b <= AUTO_CPU_MICRO_BATCH)
+    facts = recipe_facts(recipe)
+    smallest = None
+    for b in divisors:
+        trial = copy.deepcopy(recipe)
+        trial.run.batch_size_train, trial.run.accum_grad_iters = b, per_rank // b
+        p = plan(trial, gpus, gpu_mem_gb, suggest=False, facts=facts)
+        if p.fits:
+            return b
+        smallest = p
+    raise ValueError(f"auto: not even a micro batch of 1 fits {gpu_mem_gb:.1f} GiB (predicted {smallest.gpu_gb:.1f} "
+                     f"GiB); see python tools/plan_memory.py --recipe {recipe.source} --gpu-mem {gpu_mem_gb:.0f} for "
+                     f"changes that fit")

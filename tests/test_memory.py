@@ -226,3 +226,30 @@ def test_split_sherlock_carves_a_dev_split_by_image(tmp_path):
     assert not images(train) & images(dev) and len(dev) % 3 == 0
     assert main(["--root", str(tmp_path), "--dev-fraction", "0.05"]) == 0  # the same split every time
     assert json.loads((tmp_path / DEV_OUT).read_text()) == dev
+
+
+def test_auto_batch_picks_the_largest_micro_batch_that_fits_and_accumulates_to_the_global_batch(monkeypatch):
+    import engine.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: 24.0)  # a 24 GiB card
+    r = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    assert (r.run.batch_size_train, r.run.accum_grad_iters) == (32, 4)  # 64 does not fit (26.9 GiB predicted)
+    assert plan(r, gpus=1, gpu_mem_gb=24).fits
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: 80.0)
+    big = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    assert big.run.batch_size_train == 128 and big.run.accum_grad_iters == 1
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: None)  # CPU: up to 16
+    cpu = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    assert (cpu.run.batch_size_train, cpu.run.accum_grad_iters) == (16, 3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    four = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    assert (four.run.batch_size_train, four.run.accum_grad_iters) == (12, 1)
+
+
+def test_auto_batch_needs_a_global_batch_that_agrees():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run.global_batch_size"):
+        recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto")
+    with pytest.raises(ConfigError, match=r"run.global_batch_size.*8 x run.accum_grad_iters 1 x 1 rank\(s\) = 8"):
+        recipe("sherlock_opt2.7b.yaml", "run.global_batch_size=64")
