@@ -134,10 +134,12 @@ def fill_ds_config(recipe: Recipe, world_size: int, on_cpu: bool, load_universal
         # step_check.py); a config that sets the key keeps its value.
         ds["bf16"].setdefault("check_grad_overflow", False)
     z = ds.get("zero_optimization") or {}
-    if world_size == 1 and zero_stage(ds) in (1, 2) and z.get("overlap_comm", False):
-        # One rank has no gradient communication to overlap; the option would only add a synchronize of the
-        # reduction stream at the end of every backward.
+    if world_size == 1 and zero_stage(ds) in (1, 2):
+        # One rank has no gradient communication to overlap or to batch: overlap_comm would only add a
+        # synchronize of the reduction stream at the end of every backward, and contiguous_gradients a copy of
+        # every gradient into a reduction bucket (before the copy into the partition), a kernel per tensor.
         z["overlap_comm"] = False
+        z["contiguous_gradients"] = False
     ds.setdefault("fp16", {})["enabled"] = r.precision == "fp16"
     if not ds["fp16"]["enabled"]:
         ds.pop("fp16")
