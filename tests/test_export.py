@@ -123,7 +123,7 @@ def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, z
         assert torch.equal(state[key[len("hf."):]].to(value.dtype), value), key
     base = build_model(parse_saved_recipe(json.loads((ckpt / "engine_state.json").read_text())["recipe"]))
     for key, value in base.hf.state_dict().items():
-        if key.startswith("vision_model."):
+        if key.startswith("vision_model.") and not key.startswith("vision_model.post_layernorm"):  # ln_vision trains
             assert torch.equal(state[key], value), key
 
     # The engine's builder loads the folder through recipe.yaml (model.pretrained points at it).
