@@ -426,3 +426,17 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_in_bf16():
     grads = [torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])
              for m in (eager, compiled)]
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_a_checkpoint_loads_straight_into_the_run_dtype_on_the_given_device(tmp_path):
+    saved = build("blip2_opt")
+    saved.hf.save_pretrained(tmp_path)
+    saved.tokenizer.save_pretrained(tmp_path)
+    from engine.models import build_vlm
+
+    loaded = build_vlm("blip2_opt", model_type="tiny", pretrained=str(tmp_path), torch_dtype=torch.bfloat16,
+                       device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    for (name, a), (_, b) in zip(saved.hf.named_parameters(), loaded.hf.named_parameters()):
+        torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name, rtol=0, atol=0)

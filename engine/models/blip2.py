@@ -619,9 +619,11 @@ def _ensure_image_token(hf: nn.Module, tokenizer) -> None:
     hf.config.image_token_index = index
 
 
-def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_code: bool):
+def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_code: bool,
+                     device: Optional[str] = None):
+    # With a device, the weights go from the files straight to it in `dtype` (no whole copy on the host).
     hf = cls.from_pretrained(path, local_files_only=True, dtype=dtype, quantization_config=quant,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, device_map={"": device} if device else None)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     qformer_tokenizer = None
     if spec.instruct:
@@ -759,9 +761,11 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
               max_txt_len: int = 32, max_output_txt_len: Optional[int] = None, image_size: Optional[int] = None,
               lora: Optional[Dict[str, Any]] = None, load_in_8bit: bool = False,
               load_in_4bit: bool = False, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-              seed: int = 0) -> VisionLanguageModel:
+              seed: int = 0, device: Optional[str] = None) -> VisionLanguageModel:
     """Build `arch` / `model_type`. `pretrained`: a local HF checkpoint folder, or "random" for the
-    real architecture with random weights; `tiny` without a folder builds seeded random weights."""
+    real architecture with random weights; `tiny` without a folder builds seeded random weights.
+    `device`: where a checkpoint's weights load to, in `torch_dtype`, straight from its files (None: the host).
+    Random weights are always made on the host, so a seed gives the same weights on any machine."""
     spec = ARCHS[arch]
     if model_type not in spec.zoo:
         near = close_matches(model_type, spec.zoo)
@@ -793,7 +797,8 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
                 p.data = p.data.to(dtype)
     else:
         _check_checkpoint(arch, model_type, entry, pretrained, spec)
-        hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code)
+        hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code,
+                                                            device)
         if quant is not None and not freeze_llm:
             raise ValueError("a quantised LLM cannot be trained; keep freeze_llm: true and add model.lora")
 
