@@ -132,7 +132,7 @@ class Trainer:
         self._stop_reason: Optional[str] = None
         self._nan_injected = False
         self._previous_handlers: Dict[int, Any] = {}
-        # The per-micro-batch vote (_vote) is a CPU tensor: on GPU runs it goes over a gloo group.
+        # The vote (_agree) all-reduces host flags: on GPU runs it goes over a gloo group.
         self._vote_group = None
         if world_size > 1 and dist.get_backend() != "gloo":
             self._vote_group = dist.new_group(backend="gloo")
@@ -382,7 +382,7 @@ class Trainer:
         if not replaced:
             return
         self.bad_samples += len(replaced)
-        # Written by rank 0 after the next vote (_vote), which tells every rank that there is news.
+        # Written by rank 0 after the next vote (_agree), which tells every rank that there is news.
         self._replaced += [{**r, "epoch": self.epoch, "step": self.global_step + 1, "rank": self.rank}
                            for r in replaced]
         for r in replaced:
