@@ -3,6 +3,12 @@
     python bench/gpu_throughput.py                               # BLIP-2 OPT-2.7b, batch 8, bf16, ZeRO-2
     python bench/gpu_throughput.py --batch 16 --write docs/benchmarks.md
     python bench/gpu_throughput.py --peak-tflops 989             # a GPU this script does not know
+    python bench/gpu_throughput.py --diagnose --json diag.json --write docs/benchmarks.md   # one-run diagnosis
+    python bench/gpu_throughput.py --diagnose --tiny             # the diagnosis's logic on the CPU, tiny model
+
+--diagnose (bench/gpu_diagnose.py) builds the recipe's model on the GPU once and sweeps micro batch {8, 32, 64,
+auto} x LLM checkpointing {off, on} x compile {off, on}: per-phase CUDA-event times, syncs and kernels per step,
+samples/s, MFU and peak memory per row (about 5-8 minutes on one H100/H200 for OPT-2.7b).
 
 The comparison of bench/train_throughput.py (same three loops, same protocol: one process per loop,
 interleaved rounds, medians) on the real architecture: recipes/sherlock_opt2.7b.yaml with
@@ -93,9 +99,17 @@ def main(argv=None) -> int:
     p.add_argument("--write", metavar="DOC", help="rewrite the 'GPU throughput' section of this markdown file")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--workdir", default=None, help="scratch folder for the loops' logs (default: a temporary one)")
+    p.add_argument("--diagnose", action="store_true", help="the one-run diagnosis sweep (bench/gpu_diagnose.py)")
+    p.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "sherlock_opt2.7b.yaml"),
+                   help="--diagnose: the recipe (default recipes/sherlock_opt2.7b.yaml)")
+    p.add_argument("--tiny", action="store_true", help="--diagnose on the CPU with the tiny model (tests the logic)")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="--diagnose: GPU memory cap in GiB (default 24)")
     args = p.parse_args(argv)
 
     import torch
+
+    if args.diagnose:
+        return run_diagnosis(args, argv)
 
     if not torch.cuda.is_available():
         print("bench/gpu_throughput.py needs a CUDA GPU and torch.cuda.is_available() is False here; nothing was "
@@ -128,6 +142,41 @@ def main(argv=None) -> int:
         write_section(args.write, SECTION, table([res], command_line("bench/gpu_throughput.py", argv), desc, device,
                                                  title=SECTION, intro=INTRO, peak_tflops=peak))
         print(f"wrote the '{SECTION[3:]}' section of {args.write}")
+    return 0
+
+
+DIAG_SECTION = "## GPU step diagnosis"
+
+
+def run_diagnosis(args, argv) -> int:
+    import torch
+
+    from gpu_diagnose import diagnose, table
+    from train_throughput import command_line
+
+    if not torch.cuda.is_available() and not args.tiny:
+        print("--diagnose needs a CUDA GPU (or --tiny, the tiny model on the CPU)", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    peak = args.peak_tflops or peak_tflops(name)
+    if args.tiny:
+        info = diagnose(args.recipe, ["run.num_workers=0"], tiny=True, batches=(2, "auto"), steps=2, warmup=1,
+                        compile_modes=(False,))
+    else:
+        info = diagnose(args.recipe, [], tiny=False, cap_gb=args.cap_gb, peak=peak)
+    text = table(info)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1, default=str)
+    if args.write:
+        from report import write_section
+
+        body = (f"{DIAG_SECTION}\n\n`{command_line('bench/gpu_throughput.py', argv)}` on {info['device']}, memory capped "
+                f"at {args.cap_gb:g} GiB; model built on the device in {info['build_s']:.0f} s; parts: "
+                f"{info['describe']}; auto micro batch {info['auto_batch']}. Phases in ms per step (medians).\n\n"
+                + text + "\n")
+        write_section(args.write, DIAG_SECTION, body)
     return 0
 
 

@@ -20,13 +20,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
+def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
     """The recipe's model. ``dtype``: the dtype weights are built in (default fp32).
 
     Training passes the run's precision (engine/train.py): DeepSpeed would cast an fp32 build to bf16/fp16
     anyway, so building in it gives the same weights with half the host memory per rank while a checkpoint
     loads (8 ranks x a 7B model: about 110 GiB instead of 220). Export and evaluation keep fp32, so weights
-    consolidated from fp32 master copies are not rounded."""
+    consolidated from fp32 master copies are not rounded. ``device``: a checkpoint's weights load straight onto
+    it (engine/train.py passes the rank's GPU under ZeRO-1/2)."""
     m = recipe.model
     entry = MODELS.get(m.arch)
     # A saved adapter is merged into the base after building, so the base is built without new LoRA layers.
@@ -39,6 +40,8 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
         freeze_qformer=m.freeze_qformer,
         freeze_llm=m.freeze_llm,
         use_grad_checkpoint=m.use_grad_checkpoint,
+        checkpoint_qformer=m.checkpoint_qformer,
+        checkpoint_llm=m.checkpoint_llm,
         max_txt_len=m.max_txt_len,
         max_output_txt_len=m.max_output_txt_len,
         image_size=m.image_size,
@@ -48,6 +51,7 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
         torch_dtype=dtype or torch.float32,
         trust_remote_code=m.trust_remote_code,
         seed=recipe.run.seed,
+        device=device,
     )
     if m.adapter:
         from engine.export import apply_adapter

@@ -68,7 +68,16 @@ class ModelConfig:
     freeze_vit: bool = doc("Keep the vision tower frozen (BLIP-2 default).", True)
     freeze_qformer: bool = doc("Freeze the Q-Former, query tokens and language projection.", False)
     freeze_llm: bool = doc("Keep the language model frozen (BLIP-2 default; LoRA adapters still train).", True)
-    use_grad_checkpoint: bool = doc("Activation checkpointing in the trained parts: less memory, ~30% slower.", False)
+    use_grad_checkpoint: bool = doc("As LAVIS: activation checkpointing of the ViT's layers when the ViT trains "
+                                    "(freeze_vit: false); a frozen ViT keeps no activations and is never "
+                                    "recomputed, so then this changes nothing.", False)
+    checkpoint_qformer: bool = doc("Activation checkpointing of the Q-Former's layers when it trains: less memory, "
+                                   "its forward runs twice. An explicit choice; tools/plan_memory.py suggests it "
+                                   "only when the batch does not fit otherwise.", False)
+    checkpoint_llm: bool = doc("Activation checkpointing of the LLM's layers (backward always runs through them, "
+                               "frozen or not): saves the most memory, costs a second LLM forward (~25% more "
+                               "FLOPs). An explicit choice; tools/plan_memory.py suggests it only when the batch "
+                               "does not fit otherwise.", False)
     prompt: str = doc("Text put before the target; the same prompt is used for label masking and generation.", "")
     max_txt_len: int = doc("As LAVIS: BLIP-2 (OPT, Flan-T5): the most text tokens per sample (OPT: bos + prompt + "
                            "target + end; T5: prompt and target each). InstructBLIP: the most prompt tokens (its "
@@ -112,10 +121,17 @@ class RunConfig:
     grad_clip: float = doc("Clip the global gradient norm to this value; 0 = off (LAVIS does not clip).", 0.0)
     max_epoch: int = doc("Number of epochs.", 1)
     max_steps: Optional[int] = doc("Stop after this many optimizer steps (null or 0 = run all epochs).", None)
-    batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu).", 8)
+    batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu), or "
+                                "'auto': the largest that fits the device (engine/memory.py auto_micro_batch), "
+                                "with accum_grad_iters filling run.global_batch_size.", 8)
+    global_batch_size: Optional[int] = doc("Samples per optimizer step over all ranks (micro batch x accumulation x "
+                                           "ranks). Needed by batch_size_train: auto; with a number there it "
+                                           "must agree.", None)
     batch_size_eval: int = doc("Evaluation batch size per GPU.", 8)
     accum_grad_iters: int = doc("Micro-batches per optimizer step (gradient accumulation).", 1)
     num_workers: int = doc("DataLoader worker processes per rank.", 2)
+    compile: bool = doc("torch.compile each repeated layer (ViT, Q-Former and LLM blocks) before training; the "
+                        "first steps compile. Off until measured on a GPU (docs/benchmarks.md).", False)
     precision: Literal["bf16", "fp16", "fp32"] = doc(
         "Training precision. fp16 needs a GPU and is refused for Flan-T5.", "bf16"
     )
@@ -544,6 +560,9 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
                     raw_model.setdefault(k, v)
 
     model = build_dataclass(ModelConfig, raw_model, "model", problems, ignored=MODEL_SUPERSEDED)
+    auto_batch = raw_run.get("batch_size_train") == "auto"
+    if auto_batch:  # resolved below, once the rest of the recipe is known
+        raw_run = dict(raw_run, batch_size_train=1)
     run = build_dataclass(RunConfig, raw_run, "run", problems, ignored=LAUNCHER_KEYS)
     datasets = {}
     for name, raw in raw_datasets.items():
@@ -552,10 +571,43 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
             datasets[name] = spec
     recipe = Recipe(model, datasets, run, source)
     if not problems:
+        problems.extend(_check_global_batch(recipe, auto_batch))
+    if not problems:
         problems.extend(check_recipe(recipe, zoo_family, check_files=check_files))
     if problems:
         raise ConfigError(problems, source)
     return recipe
+
+
+def _check_global_batch(recipe: Recipe, auto: bool) -> List[Problem]:
+    """batch_size_train: auto -> the micro batch and accumulation for this process's device and ranks
+    (WORLD_SIZE, as the launcher sets it); a number -> it must agree with run.global_batch_size."""
+    r = recipe.run
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if r.global_batch_size is None:
+        if auto:
+            return [Problem("run.global_batch_size", "run.batch_size_train: auto needs the samples per optimizer "
+                                                     "step over all ranks; set e.g. run.global_batch_size: 64")]
+        return []
+    if r.global_batch_size < 1 or r.global_batch_size % world:
+        return [Problem("run.global_batch_size", f"{r.global_batch_size} is not a positive multiple of the "
+                                                 f"{world} rank(s) of this run")]
+    if not auto:
+        made = r.batch_size_train * r.accum_grad_iters * world
+        if made != r.global_batch_size:
+            return [Problem("run.global_batch_size", f"{r.global_batch_size}, but run.batch_size_train "
+                                                     f"{r.batch_size_train} x run.accum_grad_iters "
+                                                     f"{r.accum_grad_iters} x {world} rank(s) = {made}; make them "
+                                                     f"agree, or set run.batch_size_train: auto")]
+        return []
+    from engine.memory import auto_micro_batch, device_memory_gb
+
+    try:
+        micro = auto_micro_batch(recipe, world, device_memory_gb())
+    except ValueError as e:
+        return [Problem("run.batch_size_train", str(e))]
+    r.batch_size_train, r.accum_grad_iters = micro, r.global_batch_size // world // micro
+    return []
 
 
 def load_recipe(path: str, options: Optional[List[str]] = None, check_files: bool = True) -> Recipe:

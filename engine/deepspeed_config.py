@@ -129,6 +129,17 @@ def fill_ds_config(recipe: Recipe, world_size: int, on_cpu: bool, load_universal
         ds[ds_key] = value
     ds["train_batch_size"] = r.batch_size_train * r.accum_grad_iters * world_size
     ds.setdefault("bf16", {})["enabled"] = r.precision == "bf16"
+    if r.precision == "bf16":
+        # One check per step on the gradient norm instead of one per gradient tensor (engine/trainer/
+        # step_check.py); a config that sets the key keeps its value.
+        ds["bf16"].setdefault("check_grad_overflow", False)
+    z = ds.get("zero_optimization") or {}
+    if world_size == 1 and zero_stage(ds) in (1, 2):
+        # One rank has no gradient communication to overlap or to batch: overlap_comm would only add a
+        # synchronize of the reduction stream at the end of every backward, and contiguous_gradients a copy of
+        # every gradient into a reduction bucket (before the copy into the partition), a kernel per tensor.
+        z["overlap_comm"] = False
+        z["contiguous_gradients"] = False
     ds.setdefault("fp16", {})["enabled"] = r.precision == "fp16"
     if not ds["fp16"]["enabled"]:
         ds.pop("fp16")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -297,8 +298,10 @@ class Workload:
     batch: int
     image_size: int
     max_txt_len: int
-    grad_checkpoint: bool
+    grad_checkpoint: bool  # the ViT's layers, when it trains (model.use_grad_checkpoint, as LAVIS)
     precision: str = "bf16"
+    checkpoint_qformer: bool = False  # model.checkpoint_qformer
+    checkpoint_llm: bool = False  # model.checkpoint_llm
 
 
 def _tokens(f: ModelFacts, w: Workload) -> Dict[str, int]:
@@ -333,13 +336,14 @@ def activation_bytes(f: ModelFacts, w: Workload) -> Dict[str, int]:
     lora_b = LORA_BYTES_DROPOUT if f.lora_dropout > 0 else LORA_BYTES_NO_DROPOUT
     out: Dict[str, int] = {}
 
-    def stack(kind: str, mode: str, layers: int, hidden: int, tokens: int, lora_per_layer: float) -> int:
+    def stack(kind: str, mode: str, layers: int, hidden: int, tokens: int, lora_per_layer: float,
+              checkpointed: bool) -> int:
         if mode == "none":
             return 0
         per_layer = LAYER_BYTES[kind]["train" if mode == "train" else "through"] * hidden * tokens * b * scale
         if mode == "lora":
             per_layer += lora_b * lora_per_layer * hidden * tokens * b * scale
-        if w.grad_checkpoint:
+        if checkpointed:
             # Only each layer's input is kept; backward recomputes one layer at a time
             # (its activations plus their gradients).
             return int(layers * act * hidden * tokens * b + 2 * per_layer)
@@ -351,15 +355,16 @@ def activation_bytes(f: ModelFacts, w: Workload) -> Dict[str, int]:
     if modes["vision"] == "none":
         out["vision"] = int(act * b * tok["image"] * (4 * v["hidden"] + 2 * v["ffn"]))
     else:
+        # As LAVIS, use_grad_checkpoint checkpoints the ViT only where it trains (LoRA adapters included).
         out["vision"] = stack("vision", modes["vision"], v["layers"], v["hidden"], tok["image"],
-                              f.lora_modules["vision"] / max(v["layers"], 1))
+                              f.lora_modules["vision"] / max(v["layers"], 1), w.grad_checkpoint)
     # Q-Former: query (+ instruction) tokens through every layer, image tokens as cross-attention keys.
     q = f.qformer
     if modes["qformer"] == "none":
         out["qformer"] = int(act * b * tok["query"] * (4 * q["hidden"] + 2 * q["ffn"]))
     else:
         cross_layers = math.ceil(q["layers"] / q["cross_every"])
-        if w.grad_checkpoint:
+        if w.checkpoint_qformer and modes["qformer"] == "train":
             per_layer = (QFORMER_SELF_BYTES * tok["query"] + QFORMER_CROSS_BYTES * tok["image"]) * q["hidden"] * b
             out["qformer"] = int((q["layers"] * act * tok["query"] * q["hidden"] * b
                                   + act * tok["image"] * v["hidden"] * b + 2 * per_layer) * scale)
@@ -373,7 +378,8 @@ def activation_bytes(f: ModelFacts, w: Workload) -> Dict[str, int]:
         llm_tokens, logit_tokens = tok["llm"], tok["llm"]  # logits are computed at every position
     else:
         llm_tokens, logit_tokens = tok["encoder"] + tok["decoder"], tok["decoder"]
-    out["llm"] = stack(f.family, modes["llm"], L["layers"], L["hidden"], llm_tokens, lora_per_layer)
+    out["llm"] = stack(f.family, modes["llm"], L["layers"], L["hidden"], llm_tokens, lora_per_layer,
+                       w.checkpoint_llm)
     if modes["llm"] == "none":
         out["llm"] = int(act * b * llm_tokens * (4 * L["hidden"] + 2 * L["ffn"]))
     out["loss"] = int(LOGIT_BYTES * b * logit_tokens * L["vocab"])
@@ -445,6 +451,7 @@ class MemoryPlan:
             "offload_param": self.offload_param, "precision": self.precision, "quant_bits": self.quant_bits,
             "batch_size": self.workload.batch, "image_size": self.workload.image_size,
             "max_txt_len": self.workload.max_txt_len, "grad_checkpoint": self.workload.grad_checkpoint,
+            "checkpoint_qformer": self.workload.checkpoint_qformer, "checkpoint_llm": self.workload.checkpoint_llm,
             "params": {k: dict(self.params[k]) for k in (*PARTS, "all")},
             "breakdown_gb": {k: round(v, 3) for k, v in self.breakdown_gb.items()},
             "gpu_alloc_gb": round(self.gpu_alloc_gb, 2), "gpu_gb": round(self.gpu_gb, 2),
@@ -514,7 +521,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
     from engine.build import model_image_size
 
     work = Workload(batch=r.batch_size_train, image_size=model_image_size(recipe), max_txt_len=m.max_txt_len,
-                    grad_checkpoint=m.use_grad_checkpoint, precision=r.precision)
+                    grad_checkpoint=m.use_grad_checkpoint, precision=r.precision,
+                    checkpoint_qformer=m.checkpoint_qformer, checkpoint_llm=m.checkpoint_llm)
     acts = activation_bytes(f, work)
     if ds["stage"] <= 2:
         buckets = ds["reduce_bucket"] * (2 if ds["overlap_comm"] else 1) * wb if trainable else 0
@@ -568,8 +576,14 @@ def _candidates(recipe: Recipe) -> List[Tuple[str, List[str]]]:
     ds = _ds_settings(recipe)
     quant = m.load_in_4bit or m.load_in_8bit
     out: List[Tuple[str, List[str]]] = []
-    if not m.use_grad_checkpoint:
-        out.append(("gradient checkpointing", ["model.use_grad_checkpoint=true"]))
+    # Recomputation costs time; offered only here, i.e. when the batch does not fit as the recipe stands.
+    if not m.use_grad_checkpoint and not m.freeze_vit:
+        out.append(("ViT activation checkpointing", ["model.use_grad_checkpoint=true"]))
+    if not m.checkpoint_llm:
+        out.append(("LLM activation checkpointing (a second LLM forward, ~25% more FLOPs)",
+                    ["model.checkpoint_llm=true"]))
+    if not m.checkpoint_qformer and not m.freeze_qformer:
+        out.append(("Q-Former activation checkpointing", ["model.checkpoint_qformer=true"]))
     if ds["stage"] <= 2 and not ds["offload_optimizer"]:
         out.append(("ZeRO-2 with optimizer offload", ["run.deepspeed=ds_configs/zero2_offload.json"]))
     if ds["stage"] < 3 and not quant:
@@ -626,6 +640,11 @@ def suggestions(recipe: Recipe, gpus: int, gpu_mem_gb: float, nodes: int = 1) ->
 # --------------------------------------------------------------------------- text
 
 
+def _checkpointed(w: Workload) -> str:
+    parts = (("ViT", w.grad_checkpoint), ("Q-Former", w.checkpoint_qformer), ("LLM", w.checkpoint_llm))
+    return ", ".join(name for name, on in parts if on) or "none"
+
+
 def format_plan(p: MemoryPlan) -> str:
     def num(n: int) -> str:
         return f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.3f}B"
@@ -635,7 +654,7 @@ def format_plan(p: MemoryPlan) -> str:
              + (", parameter offload" if p.offload_param else "")
              + f", {p.precision}" + (f", {p.quant_bits}-bit LLM" if p.quant_bits else "")
              + f", batch {p.workload.batch}/GPU, image {p.workload.image_size}px, max_txt_len "
-               f"{p.workload.max_txt_len}, grad checkpointing {'on' if p.workload.grad_checkpoint else 'off'}",
+               f"{p.workload.max_txt_len}, activation checkpointing: {_checkpointed(p.workload)}",
              "", f"  {'part':<8} {'total':>12} {'trainable':>12}"]
     for part in (*PARTS, "all"):
         n = p.params[part]
@@ -663,3 +682,38 @@ def format_plan(p: MemoryPlan) -> str:
             gb = f" -> {s['gpu_gb']:.1f} GiB" if "gpu_gb" in s else ""
             lines.append(f"    - {s['change']}{gb}" + (f"   (--options {opts})" if opts else ""))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- batch_size_train: auto
+
+AUTO_CPU_MICRO_BATCH = 16  # without a GPU there is no memory to fill: CPU runs are tests and demos
+
+
+def device_memory_gb() -> Optional[float]:
+    """Total memory of this rank's GPU (LOCAL_RANK) in GiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.cuda.get_device_properties(index).total_memory / GIB
+
+
+def auto_micro_batch(recipe: Recipe, gpus: int, gpu_mem_gb: Optional[float]) -> int:
+    """The micro batch for ``run.batch_size_train: auto``: the largest divisor of the per-rank share of
+    run.global_batch_size that the planner predicts to fit ``gpu_mem_gb`` (accumulation makes up the rest).
+    Without a GPU (``gpu_mem_gb`` None) the largest divisor up to AUTO_CPU_MICRO_BATCH."""
+    per_rank = recipe.run.global_batch_size // gpus
+    divisors = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+    if gpu_mem_gb is None:
+        return next(b for b in divisors if b <= AUTO_CPU_MICRO_BATCH)
+    facts = recipe_facts(recipe)
+    smallest = None
+    for b in divisors:
+        trial = copy.deepcopy(recipe)
+        trial.run.batch_size_train, trial.run.accum_grad_iters = b, per_rank // b
+        p = plan(trial, gpus, gpu_mem_gb, suggest=False, facts=facts)
+        if p.fits:
+            return b
+        smallest = p
+    raise ValueError(f"auto: not even a micro batch of 1 fits {gpu_mem_gb:.1f} GiB (predicted {smallest.gpu_gb:.1f} "
+                     f"GiB); see python tools/plan_memory.py --recipe {recipe.source} --gpu-mem {gpu_mem_gb:.0f} for "
+                     f"changes that fit")

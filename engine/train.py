@@ -256,9 +256,15 @@ def run(args) -> int:
 
     try:  # built in the run's precision: DeepSpeed would cast an fp32 build anyway (half the host memory)
         with clock.stage("model build/load"):
-            model = build_model(recipe, dtype=DTYPES[r.precision])
+            # ZeRO-1/2 on a GPU: a checkpoint loads straight onto this rank's device (ZeRO-3 partitions it above).
+            device = None if on_cpu or zero_stage(ds_config) == 3 else get_accelerator().current_device_name()
+            model = build_model(recipe, dtype=DTYPES[r.precision], device=device)
     except CheckpointMismatchError as e:
         raise UsageError(str(e)) from None
+    if r.compile:
+        from engine.models import compile_layers
+
+        logger.info("run.compile: %d repeated layers compile on their first call", compile_layers(model))
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
     # The base of the frozen weights: checkpoints name it instead of holding its weights (checkpoint.py).

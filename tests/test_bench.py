@@ -51,3 +51,24 @@ def test_annotation_memory_smoke_measures_both_starts_and_writes_its_section(tmp
     assert "keep me" in text and text.count("## Annotation files at full size") == 1
     assert "| before, later start |" in text and "| after, later start: map the cache |" in text
     assert "python bench/annotation_memory.py --smoke" in text
+
+
+def test_gpu_diagnosis_sweep_logic_on_the_cpu(tmp_path):
+    """bench/gpu_throughput.py --diagnose --tiny: the GPU script's sweep, phases and counts, on the tiny model."""
+    import subprocess
+
+    out = tmp_path / "diag.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_throughput.py"), "--diagnose", "--tiny",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(out.read_text())
+    assert info["auto_batch"] == 16 and set(info["describe"]) == {"vision", "qformer", "llm"}
+    rows = info["rows"]
+    assert [(r["batch"], r["checkpoint_llm"]) for r in rows] == [(2, False), (16, False), (2, True), (16, True)]
+    for r in rows:
+        assert set(r["phases_ms"]) >= {"data_wait", "inputs", "vision", "qformer", "llm", "backward", "step"}
+        assert all(v > 0 for v in r["phases_ms"].values()) and r["samples_per_s"] > 0 and r["kernels_per_step"] > 100
+    # recomputing the LLM adds its forward's ops to the step
+    assert rows[2]["kernels_per_step"] > rows[0]["kernels_per_step"]
+    assert "| auto (16) |" in proc.stdout

@@ -129,6 +129,16 @@ def test_fill_ds_config_from_recipe():
         fill_ds_config(parse_recipe(tiny(precision="fp16")), world_size=1, on_cpu=True)
 
 
+def test_filled_config_checks_once_per_step_and_overlaps_only_with_communication():
+    r = parse_recipe(tiny(precision="bf16"))  # ds_configs/zero2.json asks for overlap_comm
+    one = fill_ds_config(r, world_size=1, on_cpu=False)
+    assert one["bf16"]["check_grad_overflow"] is False  # the step's one check: engine/trainer/step_check.py
+    assert one["zero_optimization"]["overlap_comm"] is False  # one rank: nothing to overlap
+    assert one["zero_optimization"]["contiguous_gradients"] is False  # ... nor to batch into buckets
+    two = fill_ds_config(r, world_size=2, on_cpu=False)["zero_optimization"]
+    assert two["overlap_comm"] is True and two["contiguous_gradients"] is True
+
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(RECIPES) if f.endswith(".yaml")))
 def test_every_shipped_recipe_validates(name):
     # Weights and data folders may be absent here: validation must not need them.

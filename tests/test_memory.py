@@ -143,9 +143,11 @@ def test_activations_follow_batch_checkpointing_and_what_trains():
     work = Workload(batch=8, image_size=224, max_txt_len=32, grad_checkpoint=False)
     base = activation_bytes(frozen_vit, work)
     double = activation_bytes(frozen_vit, Workload(16, 224, 32, False))
-    ckpt = activation_bytes(frozen_vit, Workload(8, 224, 32, True))
+    ckpt = activation_bytes(frozen_vit, Workload(8, 224, 32, False, checkpoint_llm=True))
     assert double["llm"] == 2 * base["llm"] and double["loss"] == 2 * base["loss"]
     assert ckpt["llm"] < base["llm"] / 4
+    # use_grad_checkpoint is LAVIS's: the ViT only, so with a frozen ViT it changes nothing
+    assert activation_bytes(frozen_vit, Workload(8, 224, 32, True)) == base
     trained_vit = recipe_facts(recipe("coco_caption_opt2.7b.yaml"))
     vit = activation_bytes(trained_vit, Workload(8, 224, 32, False))["vision"]
     assert vit > 50 * base["vision"]  # a frozen ViT under no graph keeps one layer's working set only
@@ -158,6 +160,16 @@ def test_a_recipe_that_does_not_fit_gets_changes_that_do():
     offload = [s for s in p.suggestions if "zero2_offload.json" in " ".join(s["options"])]
     assert offload and offload[0]["fits"] and offload[0]["gpu_gb"] <= 24
     assert plan(r, gpus=8, gpu_mem_gb=24).fits  # ZeRO-2 partitions the ViT's optimizer states over 8 GPUs
+
+
+
+def test_llm_checkpointing_is_suggested_only_when_the_batch_does_not_fit():
+    big = plan(recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=64"), gpus=1, gpu_mem_gb=24)
+    assert not big.fits
+    llm = [s for s in big.suggestions if s["options"] == ["model.checkpoint_llm=true"]]
+    assert llm and llm[0]["gpu_gb"] <= 24 < big.gpu_gb
+    fits = plan(recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=32"), gpus=1, gpu_mem_gb=24)
+    assert fits.fits and not fits.suggestions  # batch 32 fits a 24 GiB card without recomputation
 
 
 def test_cli_prints_one_json_object(capsys):
@@ -214,3 +226,30 @@ def test_split_sherlock_carves_a_dev_split_by_image(tmp_path):
     assert not images(train) & images(dev) and len(dev) % 3 == 0
     assert main(["--root", str(tmp_path), "--dev-fraction", "0.05"]) == 0  # the same split every time
     assert json.loads((tmp_path / DEV_OUT).read_text()) == dev
+
+
+def test_auto_batch_picks_the_largest_micro_batch_that_fits_and_accumulates_to_the_global_batch(monkeypatch):
+    import engine.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: 24.0)  # a 24 GiB card
+    r = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    assert (r.run.batch_size_train, r.run.accum_grad_iters) == (32, 4)  # 64 does not fit (26.9 GiB predicted)
+    assert plan(r, gpus=1, gpu_mem_gb=24).fits
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: 80.0)
+    big = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    assert big.run.batch_size_train == 128 and big.run.accum_grad_iters == 1
+    monkeypatch.setattr(memory, "device_memory_gb", lambda: None)  # CPU: up to 16
+    cpu = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    assert (cpu.run.batch_size_train, cpu.run.accum_grad_iters) == (16, 3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    four = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    assert (four.run.batch_size_train, four.run.accum_grad_iters) == (12, 1)
+
+
+def test_auto_batch_needs_a_global_batch_that_agrees():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run.global_batch_size"):
+        recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto")
+    with pytest.raises(ConfigError, match=r"run.global_batch_size.*8 x run.accum_grad_iters 1 x 1 rank\(s\) = 8"):
+        recipe("sherlock_opt2.7b.yaml", "run.global_batch_size=64")

@@ -256,15 +256,35 @@ def test_overfits_two_samples(arch):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def test_frozen_parts_and_grad_checkpointing_match_plain_grads():
-    plain = build("blip2_opt", freeze_vit=False, freeze_llm=False)
-    ckpt = build("blip2_opt", freeze_vit=False, freeze_llm=False, use_grad_checkpoint=True)
-    for m in (plain, ckpt):
+def _checkpointed(model):
+    parts = {"vision": model.hf.vision_model, "qformer": model.hf.qformer, "llm": model.hf.language_model}
+    return {k for k, m in parts.items() if any(getattr(x, "gradient_checkpointing", False) for x in m.modules())}
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5_instruct"])
+def test_grad_checkpointing_leaves_gradients_unchanged(arch):
+    plain = build(arch, freeze_vit=False, freeze_llm=False)
+    every = build(arch, freeze_vit=False, freeze_llm=False, use_grad_checkpoint=True, checkpoint_qformer=True,
+                  checkpoint_llm=True)
+    assert _checkpointed(plain) == set() and _checkpointed(every) == {"vision", "qformer", "llm"}
+    for m in (plain, every):
         torch.manual_seed(0)  # the same dropout masks (the real models' dropout): checkpointing replays them
         m(images(), PROMPTS, TARGETS).backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    only_llm = build("blip2_t5", freeze_qformer=True, freeze_llm=False, use_grad_checkpoint=True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), every.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=0, atol=0)
+
+
+def test_use_grad_checkpoint_is_lavis_s_vit_only():
+    # The recipes' setting: frozen ViT and LLM. Nothing is recomputed: a frozen ViT builds no graph, and the
+    # LLM and Q-Former are checkpointed only when their own keys say so.
+    frozen = build("blip2_opt", use_grad_checkpoint=True)
+    assert _checkpointed(frozen) == set()
+    assert _checkpointed(build("blip2_opt", freeze_vit=False, use_grad_checkpoint=True)) == {"vision"}
+    assert _checkpointed(build("blip2_opt", checkpoint_llm=True)) == {"llm"}
+    assert _checkpointed(build("blip2_opt", checkpoint_qformer=True)) == {"qformer"}
+    only_llm = build("blip2_t5", freeze_qformer=True, freeze_llm=False, checkpoint_llm=True)
     s = only_llm.parameter_summary()
     assert s["qformer"]["trainable"] == 0 and s["vision"]["trainable"] == 0
     assert s["llm"]["trainable"] == s["llm"]["total"] > 0
@@ -366,3 +386,57 @@ def test_random_mode_builds_official_opt27b_on_meta():
     assert s["all"]["total"] == 3_744_679_936  # BLIP-2 OPT-2.7b, tied embeddings
     assert s["qformer"]["trainable"] == s["all"]["trainable"] == 107_133_696  # + ln_vision
     assert model.hf.query_tokens.is_meta and model.image_size == 224
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_gives_transformers_loss_without_reading_masks(arch):
+    """The training loss (lean inputs, no padding masks for the causal decoders, no all-ones image mask)
+    equals transformers' forward on the full inputs, on a batch with padding in every part."""
+    model = build(arch).eval()
+    prompts = ["a photo of ", "question: what is in the highlighted region? answer:"]
+    lean = model.build_inputs(prompts, TARGETS, lean=True)
+    full = model.build_inputs(prompts, TARGETS)
+    assert "attention_mask" in full and (full.get("attention_mask") == 0).any()  # this batch is padded
+    if model.decoder_only:
+        assert "attention_mask" not in lean
+    else:
+        assert "decoder_attention_mask" not in lean and "attention_mask" in lean  # prompts of two lengths
+    with torch.no_grad():
+        ours = model(images(), inputs=lean)
+        theirs = model.hf(pixel_values=images(), use_cache=False, **full).loss
+        strings = model(images(), prompts, TARGETS)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert float(strings) == float(ours)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_in_bf16():
+    """run.compile: torch.compile of the repeated layers (ViT, Q-Former, OPT blocks) on the CPU, bf16."""
+    from engine.models import compile_layers
+
+    eager = build("blip2_opt", freeze_vit=False, freeze_llm=False, torch_dtype=torch.bfloat16).eval()
+    compiled = build("blip2_opt", freeze_vit=False, freeze_llm=False, torch_dtype=torch.bfloat16).eval()
+    assert compile_layers(compiled) == 2 + 2 + 2  # two layers in each of the three stacks
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    losses = []
+    for m in (eager, compiled):
+        loss = m(images().bfloat16(), PROMPTS, TARGETS)
+        loss.backward()
+        losses.append(loss.float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)  # bf16: ~3 significant digits
+    grads = [torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])
+             for m in (eager, compiled)]
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_a_checkpoint_loads_straight_into_the_run_dtype_on_the_given_device(tmp_path):
+    saved = build("blip2_opt")
+    saved.hf.save_pretrained(tmp_path)
+    saved.tokenizer.save_pretrained(tmp_path)
+    from engine.models import build_vlm
+
+    loaded = build_vlm("blip2_opt", model_type="tiny", pretrained=str(tmp_path), torch_dtype=torch.bfloat16,
+                       device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    for (name, a), (_, b) in zip(saved.hf.named_parameters(), loaded.hf.named_parameters()):
+        torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name, rtol=0, atol=0)

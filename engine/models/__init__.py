@@ -12,6 +12,7 @@ from .blip2 import (
     build_blip2_vicuna_instruct,
     build_vlm,
     checkpoint_image_size,
+    compile_layers,
 )
 from .lora import DEFAULT_TARGETS, merge_lora
 from .tokenizer import IMAGE_TOKEN, local_tokenizer

@@ -132,47 +132,27 @@ class _GeneratedRepetitionPenalty(LogitsProcessor):
         return scores.scatter(1, ids, picked)
 
 
-class VisionLanguageModel(nn.Module):
-    """A BLIP-2 model that takes images and strings.
+class TextInputs:
+    """Prompt and target strings -> the language model's tensors, labels masked, as LAVIS builds them.
 
-    Attributes: `hf` (the transformers model), `tokenizer`, `qformer_tokenizer`
-    (InstructBLIP only), `family`, `instruct`, `max_txt_len`, `image_size`.
+    A plain picklable object (tokenizers and a few ids), so the trainer's DataLoader workers run it in their
+    collate and the training process receives ready tensors. `VisionLanguageModel.text` is one.
     """
 
-    def __init__(self, hf: nn.Module, tokenizer, *, family: str, instruct: bool, max_txt_len: int,
-                 qformer_tokenizer=None, freeze_vit: bool = True, max_output_txt_len: Optional[int] = None):
-        super().__init__()
-        self.hf = hf
-        self.tokenizer = tokenizer
-        self.qformer_tokenizer = qformer_tokenizer
-        if qformer_tokenizer is not None:
-            # LAVIS's InstructBLIP cuts long instructions from the left (keeps their end) for the Q-Former too.
-            qformer_tokenizer.truncation_side = "left"
-        self.family = family
-        self.instruct = instruct
-        self.max_txt_len = int(max_txt_len)
-        # InstructBLIP (as LAVIS): the prompt is cut at max_txt_len, the target at max_output_txt_len.
-        self.max_output_txt_len = int(max_output_txt_len or DEFAULT_MAX_OUTPUT_TXT_LEN)
-        self.freeze_vit = freeze_vit
-        cfg = hf.config
-        self.image_size = vit_image_size(cfg)
-        self.num_query_tokens = int(cfg.num_query_tokens)
-        self.image_token_id = int(cfg.image_token_index)
-        self.decoder_only = bool(cfg.use_decoder_only_language_model)
-        self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
-        # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
-        # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
-        # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
-        eos = getattr(cfg.text_config, "eos_token_id", None)
-        self.eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+    def __init__(self, tokenizer, qformer_tokenizer=None, *, instruct: bool, decoder_only: bool, max_txt_len: int,
+                 max_output_txt_len: int, num_query_tokens: int, image_token_id: int, bos_id: Optional[int],
+                 eos_id: int, pad_id: int):
+        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+        self.instruct, self.decoder_only = instruct, decoder_only
+        self.max_txt_len, self.max_output_txt_len = max_txt_len, max_output_txt_len
+        self.num_query_tokens, self.image_token_id = num_query_tokens, image_token_id
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         # Sentencepiece-like tokenizers (T5, LLaMA) start a lone word with a word-boundary
         # marker, so "dog" alone tokenises as it does inside "a dog"; byte-level BPE (OPT)
         # needs the space. See `_split`.
         a, a_dog, dog = self._ids(["a", "a dog", "dog"])
         self._prefix_space = a_dog[len(a):] == dog
 
-    # ---------------------------------------------------------------- inputs
     def _ids(self, texts: Sequence[str]) -> List[List[int]]:
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if any(self.image_token_id in row for row in ids):
@@ -207,7 +187,8 @@ class VisionLanguageModel(nn.Module):
             rows.append(head + p + [self.eos_id])
         return rows
 
-    def build_inputs(self, prompt: Sequence[str], text_output: Sequence[str], device=None) -> Dict[str, torch.Tensor]:
+    def build_inputs(self, prompt: Sequence[str], text_output: Sequence[str], device=None,
+                     lean: bool = False) -> Dict[str, torch.Tensor]:
         """Tensors for `self.hf(pixel_values=..., **inputs)`, labels included, as LAVIS builds them.
 
         BLIP-2 OPT (LAVIS blip2_opt): `[<image> x Nq][bos] prompt target [eos] [pad...]`, cut at
@@ -219,6 +200,12 @@ class VisionLanguageModel(nn.Module):
         Labels equal the input ids on the trained positions and are -100 elsewhere; the model shifts them.
         Encoder-decoder (T5): encoder `[<image> x Nq] prompt [eos]`, labels `target [eos]` cut at
         `max_txt_len` (blip2_t5) or `max_output_txt_len` (blip2_t5_instruct) tokens, eos included.
+
+        `lean` (training): leave out the masks that change no trained position, so the model need not inspect
+        them on the device (transformers reads a mask back to choose its attention kernel). Rows are padded on
+        the right and the decoders attend causally, so no real token ever sees a pad: the decoder-only
+        `attention_mask` and T5's `decoder_attention_mask` go; T5's encoder mask goes when no row is padded.
+        The loss is the same (pads carry label -100).
         """
         if len(prompt) != len(text_output):
             raise ValueError(f"{len(prompt)} prompts but {len(text_output)} targets")
@@ -247,18 +234,80 @@ class VisionLanguageModel(nn.Module):
                     rows.append([img] * nq + text)
                     labels.append([IGNORE_INDEX] * (nq + n_head) + text[n_head:])
             input_ids = _pad(rows, self.pad_id)
-            inputs.update(input_ids=input_ids, attention_mask=_pad([[1] * len(r) for r in rows], 0),
-                          labels=_pad(labels, IGNORE_INDEX))
+            inputs.update(input_ids=input_ids, labels=_pad(labels, IGNORE_INDEX))
+            if not lean:
+                inputs["attention_mask"] = _pad([[1] * len(r) for r in rows], 0)
         else:
             rows = self._encoder_rows(prompt)
             limit = self.max_output_txt_len if self.instruct else self.max_txt_len
             keep = max(limit - 1, 0)  # room for the eos, which T5 keeps (as LAVIS)
             targets = [t[:keep] + [self.eos_id] for t in self._ids(text_output)]
-            inputs.update(input_ids=_pad(rows, self.pad_id),
-                          attention_mask=_pad([[1] * len(r) for r in rows], 0),
-                          labels=_pad(targets, IGNORE_INDEX),
-                          decoder_attention_mask=_pad([[1] * len(t) for t in targets], 0))
-        return {k: v.to(device) for k, v in inputs.items()}
+            inputs.update(input_ids=_pad(rows, self.pad_id), labels=_pad(targets, IGNORE_INDEX))
+            if not lean or len({len(r) for r in rows}) > 1:
+                inputs["attention_mask"] = _pad([[1] * len(r) for r in rows], 0)
+            if not lean:
+                inputs["decoder_attention_mask"] = _pad([[1] * len(t) for t in targets], 0)
+        return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
+
+
+
+class VisionLanguageModel(nn.Module):
+    """A BLIP-2 model that takes images and strings.
+
+    Attributes: `hf` (the transformers model), `tokenizer`, `qformer_tokenizer`
+    (InstructBLIP only), `family`, `instruct`, `max_txt_len`, `image_size`.
+    """
+
+    def __init__(self, hf: nn.Module, tokenizer, *, family: str, instruct: bool, max_txt_len: int,
+                 qformer_tokenizer=None, freeze_vit: bool = True, max_output_txt_len: Optional[int] = None):
+        super().__init__()
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:
+            # LAVIS's InstructBLIP cuts long instructions from the left (keeps their end) for the Q-Former too.
+            qformer_tokenizer.truncation_side = "left"
+        self.family = family
+        self.instruct = instruct
+        self.max_txt_len = int(max_txt_len)
+        # InstructBLIP (as LAVIS): the prompt is cut at max_txt_len, the target at max_output_txt_len.
+        self.max_output_txt_len = int(max_output_txt_len or DEFAULT_MAX_OUTPUT_TXT_LEN)
+        self.freeze_vit = freeze_vit
+        cfg = hf.config
+        self.image_size = vit_image_size(cfg)
+        self.num_query_tokens = int(cfg.num_query_tokens)
+        self.image_token_id = int(cfg.image_token_index)
+        self.decoder_only = bool(cfg.use_decoder_only_language_model)
+        self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
+        # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
+        # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
+        # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
+        eos = getattr(cfg.text_config, "eos_token_id", None)
+        self.eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # Tokenising, truncating, padding and masking: a plain object, so DataLoader workers can do it (collate).
+        self.text = TextInputs(tokenizer, qformer_tokenizer, instruct=instruct, decoder_only=self.decoder_only,
+                               max_txt_len=self.max_txt_len, max_output_txt_len=self.max_output_txt_len,
+                               num_query_tokens=self.num_query_tokens, image_token_id=self.image_token_id,
+                               bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+
+    # ---------------------------------------------------------------- inputs (TextInputs)
+    def _ids(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.text._ids(texts)
+
+    def _split(self, prompt: str, target: str) -> Tuple[str, str]:
+        return self.text._split(prompt, target)
+
+    def _qformer_inputs(self, prompt: Sequence[str], device) -> Dict[str, torch.Tensor]:
+        return self.text._qformer_inputs(prompt, device)
+
+    def _encoder_rows(self, prompt: Sequence[str], truncate: bool = True) -> List[List[int]]:
+        return self.text._encoder_rows(prompt, truncate)
+
+    def build_inputs(self, prompt: Sequence[str], text_output: Sequence[str], device=None,
+                     lean: bool = False) -> Dict[str, torch.Tensor]:
+        """See `TextInputs.build_inputs`."""
+        return self.text.build_inputs(prompt, text_output, device, lean=lean)
 
     def _pixels(self, image: torch.Tensor) -> Tuple[torch.Tensor, bool]:
         dtype = self.hf.vision_model.embeddings.patch_embedding.weight.dtype
@@ -271,12 +320,53 @@ class VisionLanguageModel(nn.Module):
         return image.to(dtype=dtype), False
 
     # ---------------------------------------------------------------- API
-    def forward(self, image: torch.Tensor, prompt: Sequence[str], text_output: Sequence[str]) -> torch.Tensor:
-        """Mean cross-entropy over the target tokens (target + eos) of the batch."""
-        pixels, interpolate = self._pixels(image)
-        inputs = self.build_inputs(prompt, text_output, image.device)
-        out = self.hf(pixel_values=pixels, interpolate_pos_encoding=interpolate, use_cache=False, **inputs)
-        return out.loss
+    def forward(self, image: torch.Tensor, prompt: Optional[Sequence[str]] = None,
+                text_output: Optional[Sequence[str]] = None,
+                inputs: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens (target + eos) of the batch. The text comes as strings
+        (`prompt`, `text_output`) or as `inputs`, built by `self.text.build_inputs(..., lean=True)` (the
+        trainer's DataLoader workers do that) and already on the device."""
+        pixels, _ = self._pixels(image)
+        if inputs is None:
+            inputs = self.build_inputs(prompt, text_output, image.device, lean=True)
+        if hasattr(self.hf.query_tokens, "ds_id"):
+            # ZeRO-3 gathers a module's own parameters (query_tokens) in that module's forward: go through it.
+            return self.hf(pixel_values=pixels, use_cache=False, **inputs).loss
+        return self._loss(pixels, inputs)
+
+    def _loss(self, pixels: torch.Tensor, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of transformers' BLIP-2 / InstructBLIP forward, composed from the same modules without
+        what needs the host to look at device values: the Q-Former's cross-attention gets no all-ones image
+        mask (transformers would check it is all ones), the image features are put before the text embeddings
+        (the placeholders always lead the row) instead of scattered through a mask, and masks the collate left
+        out (`TextInputs.build_inputs(lean=True)`) stay out."""
+        hf = self.hf
+        image_embeds = hf.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+        query = hf.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        if self.instruct:
+            text_mask = inputs["qformer_attention_mask"]
+            mask = torch.cat([text_mask.new_ones(query.shape[:2]), text_mask], dim=1)
+            out = hf.qformer(input_ids=inputs["qformer_input_ids"], attention_mask=mask, query_embeds=query,
+                             encoder_hidden_states=image_embeds, return_dict=True)
+            query_output = out.last_hidden_state[:, :query.shape[1]]
+        else:
+            query_output = hf.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
+                                      return_dict=True).last_hidden_state
+        if query_output.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
+            query_output = query_output.to(image_embeds.dtype)
+        features = hf.language_projection(query_output)
+        ids = inputs["input_ids"]
+        text = hf.get_input_embeddings()(ids[:, self.num_query_tokens:])
+        embeds = torch.cat([features.to(text.dtype), text], dim=1)
+        labels = inputs["labels"]
+        if self.decoder_only:
+            logits = hf.language_model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
+                                       use_cache=False).logits
+            return hf.loss_function(logits=logits[:, -labels.size(1):], labels=labels,
+                                    vocab_size=hf.config.text_config.vocab_size)
+        return hf.language_model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
+                                 decoder_attention_mask=inputs.get("decoder_attention_mask"), labels=labels,
+                                 use_cache=False, return_dict=True).loss
 
     @torch.no_grad()
     def score(self, image: torch.Tensor, prompt: Sequence[str], text_output: Sequence[str]) -> torch.Tensor:
@@ -529,9 +619,11 @@ def _ensure_image_token(hf: nn.Module, tokenizer) -> None:
     hf.config.image_token_index = index
 
 
-def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_code: bool):
+def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_code: bool,
+                     device: Optional[str] = None):
+    # With a device, the weights go from the files straight to it in `dtype` (no whole copy on the host).
     hf = cls.from_pretrained(path, local_files_only=True, dtype=dtype, quantization_config=quant,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, device_map={"": device} if device else None)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     qformer_tokenizer = None
     if spec.instruct:
@@ -619,7 +711,11 @@ def _set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze
             p.requires_grad_(train)
 
 
-def _enable_checkpointing(hf: nn.Module) -> None:
+def _enable_checkpointing(hf: nn.Module, *, vision: bool, qformer: bool, llm: bool) -> None:
+    """Activation checkpointing: each chosen stack keeps only its layers' inputs and recomputes a layer in
+    backward. A part whose weights are all frozen and below which nothing trains builds no graph at all, so
+    there is nothing to recompute: the ViT is checkpointed only when it trains (LAVIS's use_grad_checkpoint);
+    the Q-Former and the LLM only when asked (model.checkpoint_qformer / model.checkpoint_llm)."""
     def enable(module):
         kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks when a part's inputs need no grad
         if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -630,9 +726,10 @@ def _enable_checkpointing(hf: nn.Module) -> None:
     def trains(prefix):
         return any(p.requires_grad for n, p in hf.named_parameters() if n.startswith(prefix))
 
-    # Backward always runs through the LLM (down to the Q-Former's soft prompt), frozen or not.
-    enable(hf.language_model)
-    if trains("qformer."):
+    if llm:
+        # Backward always runs through the LLM (down to the Q-Former's soft prompt), frozen or not.
+        enable(hf.language_model)
+    if qformer and trains("qformer."):
         # The Q-Former's input is the query tokens (a parameter), not token ids, so
         # transformers' warning that it cannot make its input embeddings require grad is moot.
         level = hf_logging.get_verbosity()
@@ -641,18 +738,34 @@ def _enable_checkpointing(hf: nn.Module) -> None:
             enable(hf.qformer)
         finally:
             hf_logging.set_verbosity(level)
-    if trains("vision_model.encoder.") or trains("vision_model.embeddings."):  # not for ln_vision alone
+    if vision and (trains("vision_model.encoder.") or trains("vision_model.embeddings.")):  # not ln_vision alone
         enable(hf.vision_model)
+
+
+def compile_layers(model: nn.Module, **options) -> int:
+    """torch.compile every repeated layer of `model` in place (`nn.Module.compile`: parameter names and
+    checkpoints stay as they are): the ViT's, the Q-Former's and the LLM's blocks, the children of each
+    ModuleList of one class. Layers of one shape share their compiled code. Returns how many were compiled."""
+    n = 0
+    for _, stack in model.named_modules():
+        if isinstance(stack, nn.ModuleList) and len(stack) > 1 and len({type(m) for m in stack}) == 1:
+            for layer in stack:
+                layer.compile(**options)
+                n += 1
+    return n
 
 
 def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, freeze_vit: bool = True,
               freeze_qformer: bool = False, freeze_llm: bool = True, use_grad_checkpoint: bool = False,
+              checkpoint_qformer: bool = False, checkpoint_llm: bool = False,
               max_txt_len: int = 32, max_output_txt_len: Optional[int] = None, image_size: Optional[int] = None,
               lora: Optional[Dict[str, Any]] = None, load_in_8bit: bool = False,
               load_in_4bit: bool = False, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-              seed: int = 0) -> VisionLanguageModel:
+              seed: int = 0, device: Optional[str] = None) -> VisionLanguageModel:
     """Build `arch` / `model_type`. `pretrained`: a local HF checkpoint folder, or "random" for the
-    real architecture with random weights; `tiny` without a folder builds seeded random weights."""
+    real architecture with random weights; `tiny` without a folder builds seeded random weights.
+    `device`: where a checkpoint's weights load to, in `torch_dtype`, straight from its files (None: the host).
+    Random weights are always made on the host, so a seed gives the same weights on any machine."""
     spec = ARCHS[arch]
     if model_type not in spec.zoo:
         near = close_matches(model_type, spec.zoo)
@@ -684,7 +797,8 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
                 p.data = p.data.to(dtype)
     else:
         _check_checkpoint(arch, model_type, entry, pretrained, spec)
-        hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code)
+        hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code,
+                                                            device)
         if quant is not None and not freeze_llm:
             raise ValueError("a quantised LLM cannot be trained; keep freeze_llm: true and add model.lora")
 
@@ -695,8 +809,8 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
         lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
     _set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
-    if use_grad_checkpoint:
-        _enable_checkpointing(hf)
+    if use_grad_checkpoint or checkpoint_qformer or checkpoint_llm:
+        _enable_checkpointing(hf, vision=use_grad_checkpoint, qformer=checkpoint_qformer, llm=checkpoint_llm)
     model = VisionLanguageModel(hf, tokenizer, family=spec.family, instruct=spec.instruct, max_txt_len=max_txt_len,
                                 qformer_tokenizer=qformer_tokenizer, freeze_vit=freeze_vit,
                                 max_output_txt_len=max_output_txt_len)

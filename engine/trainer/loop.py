@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import signal
 import sys
 import time
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -20,12 +22,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from engine.config import Recipe
-from engine.data.collate import collate
+from engine.data.collate import WithTextInputs, collate
 from engine.data.sampler import ExactDistributedSampler
 from engine.build import build_task
 from engine.export import save_lora_adapter
 from engine.tasks import write_predictions
-from engine.trainer import checkpoint
+from engine.trainer import checkpoint, step_check
 from engine.trainer.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
@@ -81,6 +83,18 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class _NanGradient(torch.autograd.Function):
+    """Test-only fault (ENGINE_FAULT=nan_grad_at_step:N): the identity forward, a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 class Trainer:
     def __init__(self, engine, recipe: Recipe, datasets: Dict[str, Any], *, rank: int, world_size: int,
                  micro_batches_per_epoch: int, output_dir: str, base: Optional[Dict[str, Any]] = None):
@@ -118,10 +132,18 @@ class Trainer:
         self._stop_reason: Optional[str] = None
         self._nan_injected = False
         self._previous_handlers: Dict[int, Any] = {}
-        # The per-micro-batch vote (_vote) is a CPU tensor: on GPU runs it goes over a gloo group.
+        # The vote (_agree) all-reduces host flags: on GPU runs it goes over a gloo group.
         self._vote_group = None
         if world_size > 1 and dist.get_backend() != "gloo":
             self._vote_group = dist.new_group(backend="gloo")
+        # ZeRO-1/2: the vote runs once per optimizer step, inside DeepSpeed's step, on the gradient norm
+        # (step_check.py): one host read per step. Elsewhere it runs on each micro-batch's loss.
+        self._step_vote = step_check.install(engine, self._vote_on_norm)
+        self._loss_bad: Optional[torch.Tensor] = None  # this step's micro-batch had a non-finite loss (device)
+        self._step_skipped = False  # the last optimizer step was skipped by the vote on its gradient norm
+        self._loss: Optional[torch.Tensor] = None  # this step's loss, for the vote to read with the norm
+        self._step_loss: Optional[float] = None  # ... and its value, read there
+        self._step_norm: Optional[float] = None  # the gradient norm, read there too
 
     # ------------------------------------------------------------------ data
     def train_loader(self, epoch: int, start_micro: int):
@@ -146,7 +168,9 @@ class Trainer:
         restore and the next step."""
         return torch.utils.data.DataLoader(
             SeededDataset(ds, replace_unreadable=True), batch_size=self.run.batch_size_train,
-            sampler=SeededSampler(sampler, self.run.seed, epoch), collate_fn=collate,
+            sampler=SeededSampler(sampler, self.run.seed, epoch),
+            # Token ids, padding and masked labels are made here, in the workers (engine/models/blip2.py TextInputs).
+            collate_fn=WithTextInputs(partial(self.model.text.build_inputs, lean=True)),
             num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
             worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(self.run.seed + epoch),
         )
@@ -225,17 +249,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train_step(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, bool]:
-        """One micro-batch: forward, the ranks' vote on it (``_vote``), backward, and DeepSpeed's step
-        (which updates the weights only at the accumulation boundary). Returns the loss, still on the
+        """One micro-batch: forward, backward, and DeepSpeed's step (which updates the weights only at the
+        accumulation boundary), with the ranks' vote on non-finite values. Returns the loss, still on the
         device (its value is read in ``_flush``), and whether the micro-batch was skipped because a rank's
-        loss was not finite."""
+        loss (or the step's gradient norm) was not finite.
+
+        Without accumulation under ZeRO-1/2 the vote runs inside the optimizer step, on the gradient norm and
+        this micro-batch's loss (``_vote_on_norm``): the step's one host read. Otherwise each micro-batch's
+        loss is voted on before its backward (``_vote``), so a bad micro-batch of an accumulation window
+        can be left out of it."""
         self._inject_raise()
         # Dropout draws from a stream seeded by the micro-batch's place in the run (seeding.py): the same masks
         # after a resume, on any number of ranks, whatever ran in between (evaluation, a save).
         chunk = self.micro_in_epoch * self.world + self.rank
         seed_model_rng(micro_batch_seed(self.run.seed, self.epoch, chunk), self.device)
-        image = batch["image"].to(self.device, non_blocking=True)
-        loss = self._inject_nan(self.engine(image=image, prompt=batch["prompt"], text_output=batch["text_output"]))
+        loss = self._inject_nan(self.engine(**self._model_inputs(batch)))
+        self._step_skipped, self._step_loss = False, None
+        if self._step_vote and self.run.accum_grad_iters == 1:
+            self._loss = loss.detach()
+            self._loss_bad = ~torch.isfinite(self._loss)
+            self.engine.backward(loss)
+            self.engine.step()  # runs _vote_on_norm; skips the update when it says so
+            self._loss_bad = self._loss = None
+            return loss.detach(), self._step_skipped
         if self._vote(loss):
             if self.run.accum_grad_iters > 1:
                 # Skipping backward and step here would shift DeepSpeed's accumulation boundary by one
@@ -249,16 +285,45 @@ class Trainer:
         self.engine.step()
         return loss.detach(), False
 
+    def _model_inputs(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """The model's arguments on the device. The loader pins its batches on a GPU, so these copies are
+        asynchronous; the images arrived there already (normalize.on_device)."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch["inputs"].items()}
+        return {"image": batch["image"].to(self.device, non_blocking=True), "inputs": inputs}
+
     # ------------------------------------------------------------------ faults
     def _vote(self, loss: torch.Tensor) -> bool:
-        """Once per micro-batch every rank learns whether any rank saw a non-finite loss (then all skip it),
-        received SIGINT/SIGTERM or replaced more unreadable images than allowed (then all stop at the same
-        optimizer step). One host read of the loss's finiteness and one tiny all-reduce on the CPU."""
-        flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, float(self._signals > 0),
-                              float(self.bad_samples > self.run.max_bad_samples), float(bool(self._replaced))])
-        if self.world > 1:
+        """Every rank learns whether any rank saw a non-finite loss (then all skip it), received
+        SIGINT/SIGTERM or replaced more unreadable images than allowed (then all stop at the same optimizer
+        step). One host read of the loss's finiteness and one tiny all-reduce on the CPU."""
+        return self._agree(not bool(torch.isfinite(loss)))
+
+    def _vote_on_norm(self, norm: torch.Tensor) -> Tuple[float, bool]:
+        """The vote inside an optimizer step (step_check.py): the global gradient norm (DeepSpeed marks an
+        inf/NaN one -1) and this rank's loss flag reach the host in one read. Returns the norm and whether
+        every rank skips the step."""
+        parts = [norm.detach().float().reshape(1)]
+        if self._loss_bad is not None:  # one micro-batch per step: its loss comes along, for the log (_flush)
+            parts += [self._loss_bad.float().reshape(1), self._loss.float().reshape(1)]
+        values = torch.cat(parts).tolist()  # the step's one wait for the device
+        value = values[0]
+        bad = not math.isfinite(value) or value < 0 or (len(values) > 1 and values[1] > 0)
+        if len(values) > 1:
+            self._step_loss, self._step_norm = values[2], value
+        skip = self._agree(bad)
+        self._step_skipped = skip
+        return (value if math.isfinite(value) and value >= 0 else float("inf")), skip
+
+    def _agree(self, nonfinite: bool) -> bool:
+        """All ranks agree on this rank's verdict and on the run's host-side news (signals, unreadable
+        images): a MAX all-reduce of four flags on a CPU group. Returns whether any rank saw a non-finite
+        value."""
+        mine = [nonfinite, self._signals > 0, self.bad_samples > self.run.max_bad_samples, bool(self._replaced)]
+        if self.world > 1:  # host values over a CPU (gloo) group: no wait for the device
+            flags = torch.tensor([float(x) for x in mine])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._vote_group)
-        nonfinite, interrupted, too_many, replaced = (bool(x) for x in flags.tolist())
+            mine = [bool(x) for x in flags.tolist()]
+        nonfinite, interrupted, too_many, replaced = mine
         if replaced:  # some rank replaced unreadable images: rank 0 records them for all
             self._append_jsonl("bad_samples.jsonl", self._gather(self._replaced))
             self._replaced = []
@@ -274,6 +339,10 @@ class Trainer:
 
     def _inject_nan(self, loss: torch.Tensor) -> torch.Tensor:
         step = self.global_step + 1
+        grad_at = fault("nan_grad_at_step")
+        if grad_at is not None and int(grad_at) == step and not self._nan_injected:
+            self._nan_injected = True
+            return _NanGradient.apply(loss)  # a finite loss whose gradients are NaN
         once, since = fault("nan_loss_at_step"), fault("nan_loss_from_step")
         if (once is not None and int(once) == step and not self._nan_injected) or \
                 (since is not None and step >= int(since)):
@@ -313,7 +382,7 @@ class Trainer:
         if not replaced:
             return
         self.bad_samples += len(replaced)
-        # Written by rank 0 after the next vote (_vote), which tells every rank that there is news.
+        # Written by rank 0 after the next vote (_agree), which tells every rank that there is news.
         self._replaced += [{**r, "epoch": self.epoch, "step": self.global_step + 1, "rank": self.rank}
                            for r in replaced]
         for r in replaced:
@@ -365,11 +434,20 @@ class Trainer:
         """
         if not pending:
             return since
-        losses = torch.stack([p["loss"] for p in pending])
-        if self.world > 1:
-            dist.all_reduce(losses)
-            losses /= self.world
-        losses = losses.tolist()  # the one wait for the device
+        if all(isinstance(p["loss"], float) for p in pending):
+            # Read already, with the step's vote (_vote_on_norm): averaged over ranks on the CPU group.
+            losses = [p["loss"] for p in pending]
+            if self.world > 1:
+                mean = torch.tensor(losses, dtype=torch.float64)
+                dist.all_reduce(mean, group=self._vote_group)
+                losses = (mean / self.world).tolist()
+        else:
+            stacked = torch.stack([torch.as_tensor(p["loss"], dtype=torch.float64, device=self.device)
+                                   for p in pending])
+            if self.world > 1:
+                dist.all_reduce(stacked)
+                stacked /= self.world
+            losses = stacked.tolist()  # the one wait for the device
         now = time.perf_counter()
         rate = sum(p["samples"] for p in pending) * self.world / max(now - since, 1e-9)
         peak = _peak_mem_gb(self.device)
@@ -416,6 +494,9 @@ class Trainer:
                     break  # every rank stops after the same number of micro-batches
                 self._note_replaced(batch)
                 loss, skipped = self.train_step(batch)
+                if self._step_skipped and r.accum_grad_iters > 1:
+                    # Finite losses but a non-finite gradient norm: DeepSpeed dropped the window's update.
+                    window_bad = True
                 if skipped:
                     self._note_bad_step(batch, loss)
                     window_bad = True
@@ -444,10 +525,12 @@ class Trainer:
                     window_loss, good_n = torch.full((), float("nan"), dtype=torch.float64, device=self.device), 1
                 pending.append({
                     "step": self.global_step,
-                    "loss": window_loss / good_n,  # still on the device
+                    # A float when the step's vote read it (_vote_on_norm), else still on the device.
+                    "loss": self._step_loss if self._step_loss is not None else window_loss / good_n,
                     "lr": self.engine.get_lr()[0],
-                    # A fresh tensor (or float) per step from DeepSpeed; read at the flush.
-                    "grad_norm": self.engine.get_global_grad_norm(),
+                    # Read with the vote (a float), else a fresh tensor (or float) per step from DeepSpeed.
+                    "grad_norm": (self._step_norm if self._step_loss is not None
+                                  else self.engine.get_global_grad_norm()),
                     "samples": samples,
                     "epoch": self.epoch + self.micro_in_epoch / self.micro_per_epoch,
                 })

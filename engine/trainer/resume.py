@@ -27,6 +27,7 @@ FREE = ("run.output_dir", "run.resume_ckpt_path", "run.overwrite_output_dir", "r
         "run.repetition_penalty", "run.length_penalty", "run.valid_splits", "run.test_splits", "run.evaluate",
         "run.keep_last", "run.save_every_steps", "run.save_frozen", "run.max_eval_samples", "run.best_metric", "run.patience",
         "run.spice", "run.allow_recipe_change", "model.pretrained", "model.use_grad_checkpoint",
+        "model.checkpoint_qformer", "model.checkpoint_llm",
         "run.max_bad_samples", "run.retrieval_group_size", "run.deepspeed", "run.dist_timeout_s")
 
 

@@ -35,6 +35,20 @@ def test_one_nan_loss_is_skipped_and_logged(tmp_path):
     assert engine_state(tmp_path / "run")[1]["micro_in_epoch"] == 6
 
 
+def test_a_nan_gradient_under_a_finite_loss_is_never_applied(tmp_path):
+    """bf16 ZeRO-2, DeepSpeed's per-tensor overflow check off: the one check on the gradient norm skips the step."""
+    o = opts(tmp_path, "run", "run.max_steps=4", "run.precision=bf16")
+    proc = run_train(o, env_extra={"ENGINE_FAULT": "nan_grad_at_step:2"})
+    assert proc.returncode == 0
+    bad = read_jsonl(tmp_path / "run" / "bad_steps.jsonl")
+    assert [b["step"] for b in bad] == [2] and bad[0]["loss"] != "nan"  # the loss was finite
+    losses = losses_by_step(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    steps = read_jsonl(tmp_path / "run" / "steps.jsonl")
+    assert all(math.isfinite(s["grad_norm"]) for s in steps)  # no step was taken with the NaN gradient
+    assert engine_state(tmp_path / "run")[1]["micro_in_epoch"] == 5  # the skipped batch was not a step
+
+
 def test_nan_losses_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
     proc = run_train(opts(tmp_path, "run", "run.max_bad_steps=2"), env_extra={"ENGINE_FAULT": "nan_loss_from_step:3"})
     assert proc.returncode == 5
