@@ -6,6 +6,7 @@ this module is the only bridge between them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Dict, Optional
 
@@ -13,7 +14,7 @@ import torch
 
 from engine.config import Recipe
 from engine.data.mixing import MixedDataset
-from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
+from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS, load
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def _processor(spec, default_name: str, image_size: Optional[int], uint8: bool =
     else:
         name, kwargs = spec.name, dict(spec.kwargs)
     builder = PROCESSORS.get(name)
-    import inspect
-
     params = inspect.signature(builder.obj).parameters
     if image_size is not None and "image_size" not in kwargs and "image_size" in params:
         kwargs["image_size"] = image_size  # follow the model's resolution unless the recipe says otherwise
@@ -110,6 +109,8 @@ def prepare_datasets(recipe: Recipe) -> None:
     """
     for name, spec in recipe.datasets.items():
         prepare = DATASETS.get(name).meta.get("prepare")
+        if isinstance(prepare, str):  # declared as "module:function" (engine/data/catalog.py)
+            prepare = load(prepare)
         if prepare is not None:
             prepare(**dataclasses.asdict(spec.options))
 

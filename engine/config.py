@@ -24,6 +24,10 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
+from engine.deepspeed_config import check_ds_config
+from engine.problems import ConfigError, Problem, project_path  # noqa: F401  (importable from here too)
+from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
+
 logger = logging.getLogger(__name__)
 
 
@@ -222,23 +226,8 @@ DATASET_SUPERSEDED = {
 
 
 # --------------------------------------------------------------------------- errors
-
-
-@dataclass
-class Problem:
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class ConfigError(ValueError):
-    def __init__(self, problems: List[Problem], source: str = ""):
-        self.problems = problems
-        where = f" in {source}" if source else ""
-        lines = [f"{len(problems)} problem(s){where}:"] + [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
+# Problem and ConfigError live in engine/problems.py (the DeepSpeed config check reports them too);
+# they are imported above and stay importable from here.
 
 
 def _suggest(key: str, valid) -> str:
@@ -432,8 +421,6 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
 
 
 def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[ProcessorSpec]:
-    from engine.registry import PROCESSORS
-
     if not isinstance(spec, dict) or "name" not in spec:
         problems.append(Problem(key, f"{_fmt(spec)} should be a mapping with a `name` (a registered processor)"))
         return None
@@ -442,8 +429,12 @@ def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[P
     if name not in PROCESSORS:
         problems.append(Problem(f"{key}.name", PROCESSORS.unknown_message(name)))
         return None
-    sig = inspect.signature(PROCESSORS.get(name).obj)
-    params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    entry = PROCESSORS.get(name)
+    if "params" in entry.meta:  # declared: the processor's module (torch) is not imported to check a recipe
+        params = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in entry.meta["params"]}
+    else:
+        sig = inspect.signature(entry.obj)
+        params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     for k, v in list(kwargs.items()):
         if k not in params:
             problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{_suggest(k, params)} "
@@ -456,8 +447,6 @@ def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[P
 
 
 def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[DatasetSpec]:
-    from engine.registry import DATASETS
-
     key = f"datasets.{name}"
     if name not in DATASETS:
         problems.append(Problem(key, DATASETS.unknown_message(name)))
@@ -490,8 +479,6 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
 def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[str]] = None,
                  check_files: bool = True) -> Recipe:
     """Turn a recipe mapping into a validated :class:`Recipe` (or raise one ConfigError with every problem)."""
-    from engine.registry import MODELS
-
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     problems: List[Problem] = []
     apply_options(data, options or [], problems)
@@ -547,19 +534,7 @@ def load_recipe(path: str, options: Optional[List[str]] = None, check_files: boo
 # --------------------------------------------------------------------------- cross-key checks
 
 
-def project_path(path: str) -> str:
-    """Resolve a path from a recipe: as given if it exists, else relative to the project root."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
-
-
 def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[Problem]:
-    from engine.deepspeed_config import check_ds_config
-    from engine.registry import TASKS
-
     m, r = recipe.model, recipe.run
     out: List[Problem] = []
     positive = ("batch_size_train", "batch_size_eval", "accum_grad_iters", "max_epoch", "num_beams", "max_len")
@@ -589,11 +564,10 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
         out.append(Problem("run.adam_betas", f"{r.adam_betas} should hold two numbers, e.g. [0.9, 0.999]"))
     if r.task not in TASKS:
         out.append(Problem("run.task", TASKS.unknown_message(r.task)))
-    else:
-        from engine.build import build_task
-
+    elif r.best_metric is not None and "metric_keys" in TASKS.get(r.task).meta:
+        task = TASKS.get(r.task)  # its declared metric names; the task itself is built by the trainer
         try:
-            build_task(recipe)  # checks best_metric against the task's metrics
+            task.check_metric(r.best_metric, task.metric_keys(r))
         except (ValueError, KeyError) as e:
             out.append(Problem("run.best_metric", str(e)))
     if m.load_in_8bit and m.load_in_4bit:

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     single_process_env()
     from engine.data.errors import DatasetError
     from engine.trainer.checkpoint import CheckpointSaveError, UnsafeFileError
-    from engine.trainer.faults import RunStopped
+    from engine.faults import RunStopped
 
     try:
         return run(args)

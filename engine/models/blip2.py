@@ -30,12 +30,12 @@ from transformers import (
 
 from transformers.utils import logging as hf_logging
 
-from engine.registry import MODELS, close_matches
+from engine.registry import close_matches
 
 from .lora import apply_lora
 from .quant import quantization_config
 from .tokenizer import IMAGE_TOKEN, local_tokenizer
-from .zoo import ZOO_OPT, ZOO_T5, ZOO_T5_INSTRUCT, ZOO_VICUNA_INSTRUCT, ZooEntry, tiny_config
+from .zoo import ARCHS, ArchSpec, ZooEntry, tiny_config
 
 IGNORE_INDEX = -100  # label value transformers' losses skip
 
@@ -48,19 +48,6 @@ class WeightsNotFoundError(FileNotFoundError):
     """The checkpoint folder a model needs is not there."""
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    family: str  # LLM family: "opt" | "t5" | "llama"
-    instruct: bool  # InstructBLIP (the Q-Former also reads the prompt)
-    zoo: Dict[str, ZooEntry]
-
-
-ARCHS = {
-    "blip2_opt": ArchSpec("opt", False, ZOO_OPT),
-    "blip2_t5": ArchSpec("t5", False, ZOO_T5),
-    "blip2_vicuna_instruct": ArchSpec("llama", True, ZOO_VICUNA_INSTRUCT),
-    "blip2_t5_instruct": ArchSpec("t5", True, ZOO_T5_INSTRUCT),
-}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 
@@ -500,8 +487,3 @@ build_blip2_opt = _make_builder("blip2_opt")
 build_blip2_t5 = _make_builder("blip2_t5")
 build_blip2_vicuna_instruct = _make_builder("blip2_vicuna_instruct")
 build_blip2_t5_instruct = _make_builder("blip2_t5_instruct")
-
-for _arch, _builder in (("blip2_opt", build_blip2_opt), ("blip2_t5", build_blip2_t5),
-                        ("blip2_vicuna_instruct", build_blip2_vicuna_instruct),
-                        ("blip2_t5_instruct", build_blip2_t5_instruct)):
-    MODELS.register(_arch, zoo=ARCHS[_arch].zoo, family=ARCHS[_arch].family, instruct=ARCHS[_arch].instruct)(_builder)

@@ -13,9 +13,10 @@ config depends on the local tokenizer's size and is made by `tiny_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from transformers import Blip2Config, InstructBlipConfig, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Recipe keys in `defaults` that are also builder keyword arguments.
 BUILDER_KEYS = ("max_txt_len",)
@@ -142,9 +143,27 @@ def tiny_config(family: str, instruct: bool, tokenizer: PreTrainedTokenizerBase,
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    cross_attention_frequency=1, max_position_embeddings=128, initializer_range=0.02,
                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    # transformers here, not at the top: the recipe schema reads this module's zoo without loading it.
+    from transformers import Blip2Config, InstructBlipConfig
+
     if qformer_tokenizer is not None:
         qformer.update(vocab_size=len(qformer_tokenizer), pad_token_id=qformer_tokenizer.pad_token_id)
     cls = InstructBlipConfig if instruct else Blip2Config
     return cls(vision_config=vision, qformer_config=qformer, text_config=_tiny_text(family, tokenizer),
                num_query_tokens=8, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                initializer_range=0.02)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str  # LLM family: "opt" | "t5" | "llama"
+    instruct: bool  # InstructBLIP (the Q-Former also reads the prompt)
+    zoo: Dict[str, ZooEntry]
+
+
+ARCHS = {
+    "blip2_opt": ArchSpec("opt", False, ZOO_OPT),
+    "blip2_t5": ArchSpec("t5", False, ZOO_T5),
+    "blip2_vicuna_instruct": ArchSpec("llama", True, ZOO_VICUNA_INSTRUCT),
+    "blip2_t5_instruct": ArchSpec("t5", True, ZOO_T5_INSTRUCT),
+}

@@ -13,6 +13,7 @@ differs is the bookkeeping around them:
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 CAPTION_METRIC_KEYS = BLEU_KEYS + ("METEOR", "ROUGE_L", "CIDEr")
+RETRIEVAL_METRIC_KEYS = ("im2txt_mean_rank", "txt2im_mean_rank", "p_at_1")
 
 # SPICE parses with Stanford CoreNLP 3.6.0; pycocoevalcap fetches these two jars
 # from the internet the first time Spice() is constructed.
@@ -187,8 +189,6 @@ def _terms(name: str) -> List[str]:
 
 def check_metric_name(name: str, valid: Collection[str]) -> None:
     """Raise ValueError when ``name`` (a key or a sum of keys) uses keys outside ``valid``."""
-    import difflib
-
     valid = list(valid)
     unknown = [t for t in _terms(name) if t not in valid]
     if unknown:

@@ -34,7 +34,7 @@ import shutil
 import struct
 from typing import Any, Dict, List, Optional
 
-from engine.trainer.faults import fault
+from engine.faults import fault
 
 import numpy as np
 import torch

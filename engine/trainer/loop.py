@@ -26,7 +26,7 @@ from engine.build import build_task
 from engine.export import save_lora_adapter
 from engine.tasks import write_predictions
 from engine.trainer import checkpoint
-from engine.trainer.faults import RunStopped, fault
+from engine.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
 from engine.trainer.schedule import StepLR, lr_at
 from engine.trainer.seeding import SeededDataset, SeededSampler, micro_batch_seed, seed_model_rng

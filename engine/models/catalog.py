@@ -1,0 +1,11 @@
+"""The built-in model archs, declared to `engine.registry.MODELS` with their zoo and family.
+
+Light on purpose: the recipe schema reads this metadata; the builders (transformers) are imported
+only when a model is built.
+"""
+from engine.models.zoo import ARCHS
+from engine.registry import MODELS
+
+for _arch, _spec in ARCHS.items():
+    MODELS.declare(_arch, f"engine.models.blip2:build_{_arch}", zoo=_spec.zoo, family=_spec.family,
+                   instruct=_spec.instruct)
