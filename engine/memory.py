@@ -49,6 +49,7 @@ from torch import nn
 
 from engine.config import Recipe, parse_recipe
 from engine.deepspeed_config import load_ds_config, offloads, zero_stage
+from engine.models.parts import part_of
 
 GIB = 2 ** 30
 PARTS = ("vision", "qformer", "llm", "lora")
@@ -193,8 +194,6 @@ def _layer_count(cfg, *names) -> int:
 
 def model_facts(model, prompt: str = "") -> ModelFacts:
     """Count a built VisionLanguageModel (meta or real) for the planner."""
-    from engine.models.blip2 import _part_of
-
     hf = model.hf
     params = model.parameter_summary()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
@@ -203,7 +202,7 @@ def model_facts(model, prompt: str = "") -> ModelFacts:
                  for layer in m), default=0)
     trains = {"vision": False, "qformer": False, "llm": False}
     for name, p in hf.named_parameters():
-        part = _part_of(name)
+        part = part_of(name)
         if part != "lora" and p.requires_grad:
             trains[part] = True
     linear = {k: 0 for k in ("vision", "qformer_attn", "qformer_ffn_query", "qformer_ffn_text", "qformer_cross_kv",

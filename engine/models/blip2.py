@@ -12,7 +12,6 @@ import copy
 import inspect
 import json
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from engine.registry import close_matches
 
 from .lora import apply_lora
+from .parts import gathered, part_of
 from .quant import quantization_config
 from .tokenizer import IMAGE_TOKEN, local_tokenizer
 from .zoo import ARCHS, ArchSpec, ZooEntry, tiny_config
@@ -56,17 +56,6 @@ def _ds_numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty tensor on each rank
 
 
-def _part_of(name: str) -> str:
-    """Which part of a BLIP-2 model a parameter name (relative to the HF model) belongs to."""
-    if "lora_" in name:
-        return "lora"
-    if name.startswith("vision_model."):
-        return "vision"
-    if name.startswith(("qformer.", "query_tokens", "language_projection.")):
-        return "qformer"  # the projection is trained with the Q-Former, as in BLIP-2
-    return "llm"
-
-
 def _pad(rows: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
     """Stack ragged rows of ids into a [B, longest] tensor, padding right (or left) with `value`."""
     width = max(len(r) for r in rows)
@@ -76,16 +65,6 @@ def _pad(rows: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
             start = width - len(r) if left else 0
             out[i, start:start + len(r)] = torch.tensor(r, dtype=torch.long)
     return out
-
-
-def _gathered(params: List[nn.Parameter], modifier_rank: Optional[int] = None):
-    """Gather ZeRO-3 partitioned parameters for use outside their module's forward; no-op otherwise."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 class VisionLanguageModel(nn.Module):
@@ -245,7 +224,7 @@ class VisionLanguageModel(nn.Module):
             options["top_p"] = top_p
         # hf.generate reads query_tokens outside any submodule's forward, so
         # ZeRO-3 would leave it partitioned (an empty tensor) without this.
-        with _gathered([self.hf.query_tokens]):
+        with gathered([self.hf.query_tokens]):
             out = self.hf.generate(pixel_values=pixels, input_ids=input_ids.to(device),
                                    attention_mask=attention.to(device), interpolate_pos_encoding=interpolate,
                                    **inputs, **options)
@@ -270,7 +249,7 @@ class VisionLanguageModel(nn.Module):
         summary = {k: {"total": 0, "trainable": 0} for k in ("vision", "qformer", "llm", "lora", "all")}
         for name, p in self.hf.named_parameters():
             n = _ds_numel(p)
-            for part in (_part_of(name), "all"):
+            for part in (part_of(name), "all"):
                 summary[part]["total"] += n
                 summary[part]["trainable"] += n if p.requires_grad else 0
         return summary
@@ -289,11 +268,11 @@ def _dtype(value) -> torch.dtype:
 def _init_query_tokens(hf: nn.Module, std: float) -> None:
     # transformers initialises query_tokens to zeros (checkpoints overwrite them);
     # randomly initialised models need LAVIS's normal(0, 0.02) or all queries are identical.
-    with _gathered([hf.query_tokens], modifier_rank=0), torch.no_grad():
+    with gathered([hf.query_tokens], modifier_rank=0), torch.no_grad():
         hf.query_tokens.normal_(0.0, std)
 
 
-def _random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
+def random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
     # `_from_config` honours a live HfDeepSpeedConfig (ZeRO-3 partitions while building).
     # The seed is applied on a forked RNG so building a model does not move the caller's RNG.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -369,7 +348,7 @@ def _load_pretrained(cls, path: str, spec: ArchSpec, dtype, quant, trust_remote_
     return hf, tokenizer, qformer_tokenizer
 
 
-def _set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze_llm: bool,
+def set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze_llm: bool,
                    lora_parts: Sequence[str]) -> None:
     frozen = {"vision": freeze_vit, "qformer": freeze_qformer, "llm": freeze_llm}
     # InstructBLIP keeps only the query positions of the Q-Former's last layer, so
@@ -378,7 +357,7 @@ def _set_trainable(hf: nn.Module, freeze_vit: bool, freeze_qformer: bool, freeze
     last = f"qformer.encoder.layer.{hf.config.qformer_config.num_hidden_layers - 1}."
     dead = (last + "intermediate.", last + "output.") if hf.config.model_type == InstructBlipConfig.model_type else ()
     for name, p in hf.named_parameters():
-        part = _part_of(name)
+        part = part_of(name)
         if dead and name.startswith(dead):
             train = False
         elif part == "lora":
@@ -449,7 +428,7 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
             config = config_cls(**copy.deepcopy(entry.config),
                                 image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         # Initialised in fp32 whatever `dtype` is, so a seed gives the same weights in every precision.
-        hf = _random_model(cls, config, torch.float32, seed)
+        hf = random_model(cls, config, torch.float32, seed)
         if dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in hf.parameters()):
             for p in hf.parameters():  # parameters only, as DeepSpeed casts: fp32 buffers (rotary) stay
                 p.data = p.data.to(dtype)
@@ -463,7 +442,7 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
     if lora:
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
         lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
-    _set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
+    set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
     if use_grad_checkpoint:
         _enable_checkpointing(hf)
     model = VisionLanguageModel(hf, tokenizer, family=spec.family, instruct=spec.instruct, max_txt_len=max_txt_len,

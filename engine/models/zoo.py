@@ -40,7 +40,7 @@ _QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, i
 _QFORMER_INSTRUCT = dict(_QFORMER, vocab_size=30523)
 
 
-def _opt(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
+def opt_text_config(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
     return dict(model_type="opt", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
                 do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
@@ -69,15 +69,15 @@ _TINY = {"max_txt_len": 32, "prompt": "", "image_size": 64}
 
 ZOO_OPT = {
     "pretrain_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b", {"max_txt_len": 32, "prompt": "", "image_size": 224},
-                                 _blip2(_opt(2560, 32, 32, 10240))),
+                                 _blip2(opt_text_config(2560, 32, 32, 10240))),
     "pretrain_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b", {"max_txt_len": 32, "prompt": "", "image_size": 224},
-                                 _blip2(_opt(4096, 32, 32, 16384))),
+                                 _blip2(opt_text_config(4096, 32, 32, 16384))),
     "caption_coco_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b-coco",
                                      {"max_txt_len": 32, "prompt": "a photo of ", "image_size": 224},
-                                     _blip2(_opt(2560, 32, 32, 10240))),
+                                     _blip2(opt_text_config(2560, 32, 32, 10240))),
     "caption_coco_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b-coco",
                                      {"max_txt_len": 32, "prompt": "a photo of ", "image_size": 224},
-                                     _blip2(_opt(4096, 32, 32, 16384))),
+                                     _blip2(opt_text_config(4096, 32, 32, 16384))),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
 

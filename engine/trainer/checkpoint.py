@@ -28,12 +28,12 @@ import glob
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import struct
 from typing import Any, Dict, List, Optional
 
+from engine.checkpoints.safe_loading import UnsafeFileError, safe_torch_load, weights_only_loads  # noqa: F401
 from engine.faults import fault
 
 import numpy as np
@@ -82,36 +82,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
-
-
-class UnsafeFileError(ValueError):
-    """A file the engine reads holds a pickle with arbitrary objects (code would run): refused, exit code 2."""
-
-
-# The few DeepSpeed classes its optimizer-state files hold (loss scaler, ZeRO stage, fragment addresses):
-# plain records, allowed by name so the rest of a checkpoint still loads with ``weights_only=True``.
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_torch_load(path: str, map_location="cpu"):
-    """``torch.load`` that only accepts tensors and plain containers; anything else is refused, not run."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeFileError(_unsafe_message(path, e)) from None
-
-
-def _unsafe_message(path, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f"{path} holds objects other than tensors and plain data, so it was not loaded (unpickling it "
-            f"could run code). If you made this file and trust it, re-save it as plain tensors; otherwise "
-            f"delete it. ({first})")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -353,26 +323,6 @@ def latest_tag(root: str) -> Optional[str]:
     with open(path, "r", encoding="utf-8") as f:
         tag = f.read().strip()
     return tag if tag and is_complete(os.path.join(root, tag)) else None
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """DeepSpeed reads checkpoint files with a full unpickler (``weights_only=False``); inside this block every
-    ``torch.load`` is ours instead, so a checkpoint that carries code is refused rather than run."""
-    original = torch.load
-
-    def load(f, map_location=None, *args, weights_only=None, mmap=None, **kwargs):
-        try:
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return original(f, map_location=map_location, weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            raise UnsafeFileError(_unsafe_message(f, e)) from None
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
 
 
 def _checked_module_load(ckpt_dir: str):

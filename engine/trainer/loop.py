@@ -23,7 +23,7 @@ from engine.config import Recipe
 from engine.data.collate import collate
 from engine.data.sampler import ExactDistributedSampler
 from engine.build import build_task
-from engine.export import save_lora_adapter
+from engine.checkpoints.lora import save_lora_adapter
 from engine.tasks import write_predictions
 from engine.trainer import checkpoint
 from engine.faults import RunStopped, fault

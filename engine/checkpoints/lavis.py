@@ -45,6 +45,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from engine.checkpoints.common import check_out_dir
+from engine.checkpoints.hf import save_hf_folder
+from engine.models.blip2 import build_vlm
+from engine.models.parts import part_of
+from engine.models.zoo import ARCHS
+
 # LAVIS attribute names of the language model and its input projection, per LLM family.
 LLM_PREFIXES = {"opt": ("opt_model", "opt_proj"), "t5": ("t5_model", "t5_proj"), "llama": ("llm_model", "llm_proj")}
 
@@ -198,12 +204,6 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], family: str,
     return out, report
 
 
-def _part(hf_key: str) -> str:
-    from engine.models.blip2 import _part_of
-
-    return _part_of(hf_key)
-
-
 def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Tensor],
                      report: Dict[str, Any]) -> Dict[str, Any]:
     """Copy the converted tensors over the base model. Unknown keys and shape mismatches are errors;
@@ -287,9 +287,6 @@ def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, ba
     started from); a `tiny` model_type without one uses the seeded tiny model. `region` / `text`: the
     Sherlock modes the LAVIS run was trained with (written into recipe.yaml for tools/infer.py).
     """
-    from engine.export import check_out_dir, save_hf_folder
-    from engine.models.blip2 import ARCHS, build_vlm
-
     if arch not in ARCHS:
         raise LavisImportError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     check_out_dir(out_dir, force, protect=[path] + ([base] if base else []))
@@ -315,7 +312,7 @@ def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, ba
     }
     imported_parts: Dict[str, int] = {}
     for hf_key in converted:
-        imported_parts[_part(hf_key)] = imported_parts.get(_part(hf_key), 0) + 1
+        imported_parts[part_of(hf_key)] = imported_parts.get(part_of(hf_key), 0) + 1
     info["imported_per_part"] = imported_parts
     save_hf_folder(model, out_dir, recipe_dict=recipe, info=info, dtype=dtype, force=force)
     return report
