@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
+from PIL import Image
 
 from engine.build import build_data_processor, build_model
 from engine.checkpoints.common import RECIPE_FILE, ExportError
@@ -140,8 +141,6 @@ def generate(model, recipe, image_path: str, *, boxes: Sequence[Sequence[float]]
              prompt: Optional[str] = None, num_beams: Optional[int] = None, max_len: Optional[int] = None,
              min_len: Optional[int] = None) -> Dict[str, Any]:
     """Generate for one image. Returns ``{"text", "prompt", "region_mode", "text_mode", "notes"}``."""
-    from PIL import Image
-
     settings = data_settings(recipe)
     full_prompt, notes = build_prompt(recipe, settings, prompt, clue)
     with Image.open(image_path) as im:

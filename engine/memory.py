@@ -47,7 +47,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from engine.config import Recipe, parse_recipe
+from engine.build import build_model
+from engine.config import ConfigError, Recipe, parse_recipe
 from engine.deepspeed_config import load_ds_config, offloads, zero_stage
 from engine.models.parts import part_of
 
@@ -178,8 +179,6 @@ def _planning_recipe(recipe: Recipe) -> Recipe:
 
 def meta_model(recipe: Recipe):
     """Build the recipe's model on the meta device: real architecture, no memory, no weights read."""
-    from engine.build import build_model
-
     with torch.device("meta"):
         return build_model(_planning_recipe(recipe))
 
@@ -551,8 +550,6 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
 
 def _with(recipe: Recipe, options: List[str]) -> Optional[Recipe]:
     """The recipe with --options applied, or None when that combination is not a valid recipe."""
-    from engine.config import ConfigError
-
     try:
         return parse_recipe(copy.deepcopy(recipe.to_dict()), source=recipe.source, options=options,
                             check_files=False)

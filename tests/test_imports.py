@@ -79,9 +79,13 @@ def read_imports(root: str, path: str, modules: Set[str]):
     aliases: Dict[str, str] = {}
 
     def commented(node) -> bool:
-        here = lines[node.lineno - 1]
-        above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
-        return "#" in here or above.startswith("#")
+        """A comment on the line, or above the group of import lines the statement belongs to."""
+        if "#" in lines[node.lineno - 1]:
+            return True
+        i = node.lineno - 2
+        while i >= 0 and lines[i].strip().startswith(("import ", "from ")):
+            i -= 1
+        return i >= 0 and lines[i].strip().startswith("#")
 
     def visit(node, in_function: bool):
         for child in ast.iter_child_nodes(node):

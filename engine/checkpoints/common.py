@@ -14,8 +14,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-ENGINE_STATE = "engine_state.json"
-COMPLETE = "COMPLETE"  # engine.trainer.checkpoint writes it last
+from engine.checkpoints.paths import COMPLETE, ENGINE_STATE  # noqa: F401  (the shared file names)
+
 RECIPE_FILE = "recipe.yaml"
 EXPORT_INFO = "export_info.json"
 ADAPTER_INFO = "adapter_info.json"

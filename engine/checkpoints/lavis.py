@@ -44,6 +44,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors.torch import load_file
 
 from engine.checkpoints.common import check_out_dir
 from engine.checkpoints.hf import save_hf_folder
@@ -94,8 +95,6 @@ def load_lavis_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str,
     config when the file has one. Loaded with ``weights_only=True``: a file whose pickle holds anything
     but tensors and plain containers is refused (it could run code)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return dict(load_file(path)), {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -236,7 +235,7 @@ def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Te
         if id(t) in written:  # tied to an imported tensor (e.g. OPT's lm_head and embed_tokens)
             tied.append(k)
             continue
-        kept.setdefault(_part(k), []).append(k)
+        kept.setdefault(part_of(k), []).append(k)
     report["imported"] = len(converted)
     report["tied_to_imported"] = tied
     report["kept_from_base"] = kept

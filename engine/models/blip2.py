@@ -12,7 +12,6 @@ import copy
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch

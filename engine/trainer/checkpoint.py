@@ -166,8 +166,6 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     unless they were initialised partitioned (ZeRO-3), which no seed reproduces: ``reproducible``
     is then false and the frozen weights must be saved.
     """
-    import torch
-
     pretrained = model_cfg.get("finetuned") if model_cfg.get("load_finetuned") else model_cfg.get("pretrained")
     frozen = _frozen_named(model)
     numel = sum(getattr(p, "ds_numel", None) or p.numel() for _, p in frozen)
@@ -348,6 +346,7 @@ def _load_zero3_module(engine, ckpt_dir: str) -> None:
     """Weights only under ZeRO-3, from any number of ranks: consolidated by DeepSpeed's zero_to_fp32 for
     this tag (DeepSpeed's own module-only load consolidates the one ``latest`` names, whatever tag was
     asked for), then loaded into the gathered parameters on rank 0 and scattered."""
+    # deepspeed here, not at the top: tools that only read a checkpoint's state import this module.
     import deepspeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from engine.config import Recipe
 from engine.data.collate import collate
-from engine.data.sampler import ExactDistributedSampler
+from engine.data.normalize import on_device
+from engine.data.sampler import ExactDistributedSampler, training_sampler
 from engine.build import build_task
 from engine.checkpoints.lora import save_lora_adapter
 from engine.tasks import write_predictions
@@ -127,8 +128,6 @@ class Trainer:
     def train_loader(self, epoch: int, start_micro: int):
         split = self.run.train_splits[0]
         ds = self.datasets[split]
-        from engine.data.normalize import on_device
-        from engine.data.sampler import training_sampler
 
         # Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets
         # are drawn in the shares of run.train_dataset_ratios.
