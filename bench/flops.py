@@ -73,21 +73,25 @@ def blip2_opt_step_flops(config, batch: int, seq_len: float, *, train_vit: bool,
         backward += 2 * vit_linear + 2 * vit_attn
     if grad_qf:
         backward += (qf_linear + proj) * (1 + train_qformer) + 2 * qf_attn
-        backward += qf_kv * (train_qformer + train_vit)  # weight grad; input grad only into a trained ViT
+        # Weight grad; input grad into the image tokens for a trained ViT or a trained ln_vision (its output
+        # norm, which trains with the Q-Former, as in LAVIS).
+        backward += qf_kv * (train_qformer + (train_vit or train_qformer))
     if grad_llm:
         backward += (llm_linear + head) * (1 + train_llm) + 2 * llm_attn
     return {"forward": batch * forward, "backward": batch * backward, "total": batch * (forward + backward)}
 
 
 def trained_parts(hf_model) -> Tuple[bool, bool, bool]:
-    """(vision, qformer incl. query tokens and projection, llm): does any parameter of it train?"""
+    """(vision, qformer incl. query tokens, projection and ln_vision, llm): does any parameter of it train?"""
     parts = {"vision": False, "qformer": False, "llm": False}
     for name, p in hf_model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("vision_model."):
+        if name.startswith("vision_model.") and not name.startswith("vision_model.post_layernorm."):
             parts["vision"] = True
-        elif name.startswith(("qformer.", "query_tokens", "language_projection.")):
+        elif name.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm.")):
+            # ln_vision (post_layernorm) trains with the Q-Former under freeze_vit, as in LAVIS: a norm,
+            # no matrix products in its backward
             parts["qformer"] = True
         else:
             parts["llm"] = True

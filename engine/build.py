@@ -18,6 +18,7 @@ from engine.config import Recipe
 from engine.data.check import Report, SplitSummary
 from engine.data.errors import WARNING_KINDS, BadRecord, DatasetError
 from engine.data.mixing import MixedDataset
+from engine.models.zoo import checkpoint_image_size
 from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS, load
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
         freeze_llm=m.freeze_llm,
         use_grad_checkpoint=m.use_grad_checkpoint,
         max_txt_len=m.max_txt_len,
+        max_output_txt_len=m.max_output_txt_len,
+        image_size=m.image_size,
         lora=lora,
         load_in_8bit=m.load_in_8bit,
         load_in_4bit=m.load_in_4bit,
@@ -58,6 +61,15 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None):
                              f"model; use a ZeRO-2 config, or merge it first with tools/merge_lora.py")
         apply_adapter(model, m.adapter)
     return model
+
+
+def model_image_size(recipe: Recipe) -> int:
+    """The size images are given to the ViT: model.image_size, else the checkpoint's."""
+    m = recipe.model
+    if m.image_size is not None:
+        return int(m.image_size)
+    folder = m.finetuned if m.load_finetuned else m.pretrained
+    return checkpoint_image_size(m.arch, m.model_type, folder) or 224
 
 
 def build_data_processor(spec, default_name: Optional[str], image_size: Optional[int], uint8: bool = False):
@@ -85,7 +97,7 @@ def build_dataset(recipe: Recipe, name: str, split: str, is_train: bool, **overr
     spec = recipe.datasets[name]
     slot = "train" if is_train else "eval"
     vis = build_data_processor(spec.vis_processor.get(slot), "blip2_image_train" if is_train else "blip_image_eval",
-                     recipe.model.image_size, uint8=is_train)
+                               model_image_size(recipe), uint8=is_train)
     text = build_data_processor(spec.text_processor.get(slot), None, None)
     kwargs = dataclasses.asdict(spec.options)
     if "max_bad_samples" in kwargs and not kwargs["max_bad_samples"]:
@@ -136,7 +148,8 @@ def build_task(recipe: Recipe):
     kwargs = {} if r.best_metric is None else {"best_metric": r.best_metric}
     if r.task == "captioning":
         kwargs.update(num_beams=r.num_beams, max_len=r.max_len, min_len=r.min_len,
-                      repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty, spice=r.spice)
+                      repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty, spice=r.spice,
+                      length_counting=r.length_counting)
     elif r.task == "sherlock_retrieval":
         kwargs.update(group_size=r.retrieval_group_size, batch_size=r.batch_size_eval)
     return TASKS.get(r.task)(**kwargs)

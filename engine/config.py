@@ -74,8 +74,15 @@ class ModelConfig:
     freeze_llm: bool = doc("Keep the language model frozen (BLIP-2 default; LoRA adapters still train).", True)
     use_grad_checkpoint: bool = doc("Activation checkpointing in the trained parts: less memory, ~30% slower.", False)
     prompt: str = doc("Text put before the target; the same prompt is used for label masking and generation.", "")
-    max_txt_len: int = doc("Maximum number of text tokens (prompt + target) per sample.", 32)
-    image_size: int = doc("Input resolution of the vision tower; the image processors default to it.", 224)
+    max_txt_len: int = doc("As LAVIS: BLIP-2 (OPT, Flan-T5): the most text tokens per sample (OPT: bos + prompt + "
+                           "target + end; T5: prompt and target each). InstructBLIP: the most prompt tokens (its "
+                           "start is cut), also for the Q-Former.", 32)
+    max_output_txt_len: int = doc("InstructBLIP, as LAVIS: the most target tokens (end token included; Vicuna: LAVIS "
+                                  "counts a bos it drops). BLIP-2 archs ignore it.", 256)
+    image_size: Optional[int] = doc(
+        "Input resolution of the ViT; null = the checkpoint's (caption_coco_* 364, others 224, tiny 64). Another "
+        "size interpolates the position embeddings once, in the weights (exports keep the new size). The image "
+        "processors default to it and must agree with it.", None)
     lora: Optional[LoraConfig] = doc("LoRA adapters via peft; null = full finetuning of the unfrozen parts.", None)
     adapter: Optional[str] = doc("A saved LoRA adapter folder (peft format) loaded on top of the model, e.g. for "
                                  "evaluation.", None)
@@ -89,17 +96,24 @@ class RunConfig:
     task: str = doc("Registered task: captioning or sherlock_retrieval.", "captioning")
     deepspeed: str = doc("DeepSpeed config (ds_configs/*.json); relative paths resolve against the project root.",
                          "ds_configs/zero2.json")
-    lr_sched: Literal["linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr"] = doc(
-        "Learning-rate schedule, stepped once per optimizer step.", "linear_warmup_cosine_lr"
+    lr_sched: Literal["linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr",
+                      "linear_warmup_cosine_lr_per_step"] = doc(
+        "Learning-rate schedule. LAVIS's two (linear_warmup_cosine_lr, linear_warmup_step_lr) as LAVIS: linear "
+        "warmup over the first warmup_steps iterations of the first epoch only, then one value per epoch (cosine "
+        "over max_epoch, or init_lr * lr_decay_rate^epoch). linear_warmup_cosine_lr_per_step: warmup, then a "
+        "cosine to min_lr over the run's optimizer steps (smooth; this engine's own).", "linear_warmup_cosine_lr"
     )
     init_lr: float = doc("Peak learning rate, reached at the end of warmup.", 1e-5)
     min_lr: float = doc("Final learning rate of the cosine schedule.", 0.0)
-    warmup_lr: float = doc("Learning rate at step 0; rises linearly to init_lr over warmup_steps.", 1e-8)
-    warmup_steps: int = doc("Number of optimizer steps of linear warmup.", 0)
+    warmup_lr: Optional[float] = doc("Learning rate at the first iteration; rises linearly to init_lr over "
+                                     "warmup_steps. null = init_lr (LAVIS's default: no warmup).", None)
+    warmup_steps: int = doc("Iterations of linear warmup (LAVIS's schedules: data iterations of the first epoch; "
+                            "linear_warmup_cosine_lr_per_step: optimizer steps).", 0)
     lr_decay_rate: float = doc("Per-epoch multiplier of linear_warmup_step_lr.", 0.9)
-    weight_decay: float = doc("AdamW weight decay; never applied to biases and norm weights.", 0.05)
+    weight_decay: float = doc("AdamW weight decay, as LAVIS: on every trained parameter of 2+ dimensions "
+                              "(query_tokens included) except biases and norms.", 0.05)
     adam_betas: List[float] = doc("AdamW betas.", [0.9, 0.999])
-    grad_clip: float = doc("Clip the global gradient norm to this value (0 = off).", 1.0)
+    grad_clip: float = doc("Clip the global gradient norm to this value; 0 = off (LAVIS does not clip).", 0.0)
     max_epoch: int = doc("Number of epochs.", 1)
     max_steps: Optional[int] = doc("Stop after this many optimizer steps (null or 0 = run all epochs).", None)
     batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu).", 8)
@@ -124,8 +138,12 @@ class RunConfig:
     val_freq: int = doc("Evaluate every this many epochs (0 = never during training).", 1)
     max_eval_samples: Optional[int] = doc("Evaluate on at most this many samples per split (null = all).", None)
     num_beams: int = doc("Beam size for generation.", 5)
-    max_len: int = doc("Maximum number of generated tokens.", 30)
-    min_len: int = doc("Minimum number of generated tokens.", 1)
+    max_len: int = doc("Maximum generation length, counted as length_counting says.", 30)
+    min_len: int = doc("Minimum generation length, counted as length_counting says.", 1)
+    length_counting: Literal["lavis", "new_tokens"] = doc(
+        "How max_len/min_len count. lavis: as LAVIS's generate() (OPT, Vicuna: a leading bos counts in both, so "
+        "max_len 30 = 29 new tokens; Flan-T5: max_len counts new tokens, min_len also the decoder start). "
+        "new_tokens: both count generated tokens only.", "lavis")
     repetition_penalty: float = doc("Generation repetition penalty (1.0 = none).", 1.0)
     length_penalty: float = doc("Beam-search length penalty (1.0 = none).", 1.0)
     best_metric: Optional[str] = doc(
@@ -582,9 +600,35 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
     if not recipe.datasets:
         out.append(Problem("datasets", "no dataset given; add e.g. `sherlock: {root: /data/sherlock}`"))
     out.extend(_check_ratios(recipe))
+    if family is not None:
+        out.extend(_check_image_size(recipe))
     if r.evaluate and not r.valid_splits and not r.test_splits:
         out.append(Problem("run.evaluate", "evaluate is true but valid_splits and test_splits are empty"))
     out.extend(check_ds_config(recipe, check_files=check_files))
+    return out
+
+
+def _check_image_size(recipe: Recipe) -> List[Problem]:
+    """Every image processor must give the ViT the size it takes: the checkpoint's, or model.image_size
+    (which resizes the ViT's position embeddings to it). A silent mismatch would run with wrong positions."""
+    m = recipe.model
+    folder = m.finetuned if m.load_finetuned else m.pretrained
+    vit = MODELS.get(m.arch).checkpoint_image_size(m.model_type, folder)  # registry metadata: nothing is built
+    want = m.image_size if m.image_size is not None else vit
+    if want is None:
+        return []
+    where = (f"model.image_size={m.image_size}" if m.image_size is not None
+             else f"the ViT of {m.arch}/{m.model_type}{' in ' + folder if folder and folder != 'random' else ''}")
+    out = []
+    for name, ds in recipe.datasets.items():
+        for slot, proc in ds.vis_processor.items():
+            size = proc.kwargs.get("image_size")
+            if size is not None and size != want:
+                out.append(Problem(
+                    f"datasets.{name}.vis_processor.{slot}.image_size",
+                    f"{size} px, but {where} takes {want} px. Remove image_size (the processors follow the model), "
+                    f"or set model.image_size: {size} to interpolate the ViT's position embeddings to {size} px "
+                    f"once (the exported model then takes {size} px)"))
     return out
 
 

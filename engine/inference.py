@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from engine.build import build_data_processor, build_model
+from engine.build import build_data_processor, build_model, model_image_size
 from engine.checkpoints.common import RECIPE_FILE, ExportError
 from engine.checkpoints.engine_checkpoint import is_checkpoint, parse_saved_recipe
 from engine.checkpoints.lora import adapter_recipe, apply_adapter, is_adapter_folder, lora_parts, merge_parts
@@ -90,7 +90,7 @@ def data_settings(recipe) -> DataSettings:
     name = "sherlock" if "sherlock" in recipe.datasets else next(iter(recipe.datasets))
     spec = recipe.datasets[name]
     opts = spec.options
-    vis = build_data_processor(spec.vis_processor.get("eval"), "blip_image_eval", recipe.model.image_size)
+    vis = build_data_processor(spec.vis_processor.get("eval"), "blip_image_eval", model_image_size(recipe))
     text = build_data_processor(spec.text_processor.get("eval"), None, None)
     return DataSettings(dataset=name, region=getattr(opts, "region", None),
                         crop_margin=float(getattr(opts, "crop_margin", 0.1)), text=getattr(opts, "text", None),
@@ -152,6 +152,7 @@ def generate(model, recipe, image_path: str, *, boxes: Sequence[Sequence[float]]
     text = model.generate(pixels.unsqueeze(0).to(param.device, param.dtype), [full_prompt],
                           num_beams=num_beams or r.num_beams, max_len=max_len or r.max_len,
                           min_len=min(min_len if min_len is not None else r.min_len, max_len or r.max_len),
-                          repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty)[0]
+                          repetition_penalty=r.repetition_penalty, length_penalty=r.length_penalty,
+                          length_counting=r.length_counting)[0]
     return {"text": text, "prompt": full_prompt, "region_mode": settings.region, "text_mode": settings.text,
             "notes": notes}

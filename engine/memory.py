@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from engine.build import build_model
+from engine.build import build_model, model_image_size
 from engine.config import ConfigError, Recipe, parse_recipe
 from engine.deepspeed_config import load_ds_config, offloads, zero_stage
 from engine.models.parts import part_of
@@ -509,7 +509,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
         offload_optimizer=ds["offload_optimizer"], offload_param=ds["offload_param"],
         largest_layer=f.largest_layer, weight_bytes=weight_bytes, precision=r.precision,
         build_bytes=weight_bytes / total)  # engine/train.py builds in the run's precision (8/4-bit: quantised)
-    work = Workload(batch=r.batch_size_train, image_size=m.image_size, max_txt_len=m.max_txt_len,
+    work = Workload(batch=r.batch_size_train, image_size=model_image_size(recipe), max_txt_len=m.max_txt_len,
                     grad_checkpoint=m.use_grad_checkpoint, precision=r.precision)
     acts = activation_bytes(f, work)
     if ds["stage"] <= 2:

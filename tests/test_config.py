@@ -61,10 +61,25 @@ def test_yaml_scientific_notation_and_options_override():
 def test_priority_zoo_then_recipe_then_options():
     data = tiny()
     r = parse_recipe(data)
-    assert r.model.image_size == 64  # from the tiny zoo entry
-    data["model"]["image_size"] = 32
-    assert parse_recipe(data).model.image_size == 32  # the recipe beats the zoo
-    assert parse_recipe(data, options=["model.image_size=48"]).model.image_size == 48  # options beat both
+    assert r.model.max_txt_len == 32 and r.model.image_size is None  # zoo default; the size is the ViT's
+    data["model"]["max_txt_len"] = 20
+    assert parse_recipe(data).model.max_txt_len == 20  # the recipe beats the zoo
+    assert parse_recipe(data, options=["model.max_txt_len=24"]).model.max_txt_len == 24  # options beat both
+
+
+def test_processor_size_must_match_the_vit_unless_model_image_size_asks():
+    data = tiny()
+    data["datasets"]["sherlock"]["vis_processor"] = {"eval": {"name": "blip_image_eval", "image_size": 224}}
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(data)
+    msg = str(err.value)
+    assert "datasets.sherlock.vis_processor.eval.image_size" in msg and "224 px" in msg and "64 px" in msg
+    assert "model.image_size: 224" in msg
+    data["model"]["image_size"] = 224  # asks for it: the ViT's position embeddings are interpolated
+    assert parse_recipe(data).model.image_size == 224
+    data["model"]["image_size"] = 96
+    with pytest.raises(ConfigError, match="model.image_size=96 takes 96 px"):
+        parse_recipe(data)
 
 
 def test_launcher_keys_are_accepted_with_a_warning(caplog):
@@ -138,14 +153,40 @@ def test_unsafe_yaml_tags_are_refused(tmp_path):
 
 
 def test_cosine_schedule_shape():
-    kw = dict(sched="linear_warmup_cosine_lr", init_lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10,
+    # The engine's own per-step cosine: warmup over optimizer steps, then a cosine over the run.
+    kw = dict(sched="linear_warmup_cosine_lr_per_step", init_lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10,
               total_steps=110, steps_per_epoch=50, decay_rate=0.9)
     assert lr_at(0, **kw) == pytest.approx(1e-6)
     assert lr_at(5, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
     assert lr_at(10, **kw) == pytest.approx(1e-3)
     assert lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(110, **kw) == pytest.approx(1e-5)
-    assert lr_at(60, **{**kw, "sched": "linear_warmup_step_lr"}) == pytest.approx(1e-3 * 0.9)
+
+
+def test_lavis_schedules_step_per_epoch_with_warmup_in_the_first():
+    """LAVIS's linear_warmup_cosine_lr / linear_warmup_step_lr / constant_lr (lavis/common/optims.py):
+    warmup per iteration in epoch 0 only (capped at init_lr), then one rate per epoch."""
+    import math
+
+    kw = dict(init_lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10, total_steps=150, steps_per_epoch=50,
+              decay_rate=0.9, max_epoch=3)
+    cos = dict(kw, sched="linear_warmup_cosine_lr")
+    assert lr_at(0, **cos) == pytest.approx(1e-6)
+    assert lr_at(5, **cos) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(10, **cos) == lr_at(49, **cos) == pytest.approx(1e-3)  # the rest of epoch 0: init_lr
+    for step in (50, 75, 99):  # epoch 1: one value, cosine of epoch / max_epoch
+        assert lr_at(step, **cos) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert lr_at(100, **cos) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(2 * math.pi / 3)))
+    # With accumulation the optimizer step uses the rate LAVIS set before its last micro-batch.
+    assert lr_at(1, **dict(cos, accum=4)) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 7 / 10)
+    step = dict(kw, sched="linear_warmup_step_lr")
+    assert lr_at(5, **step) == lr_at(5, **cos) and lr_at(60, **step) == pytest.approx(1e-3 * 0.9)
+    assert lr_at(120, **step) == pytest.approx(1e-3 * 0.81)
+    const = dict(kw, sched="constant_lr")
+    assert lr_at(5, **const) == lr_at(5, **cos) and lr_at(120, **const) == 1e-3
+    # No warmup (LAVIS's default warmup_lr = init_lr): init_lr from the first step.
+    assert lr_at(0, **dict(cos, warmup_steps=0, warmup_lr=1e-3)) == 1e-3
+
 
 
 def test_lora_on_parses_as_a_key_not_a_yaml_boolean(tmp_path):
@@ -177,3 +218,57 @@ def test_cuda_arch_suffixes_are_made_readable_for_deepspeeds_op_builder():
         assert "-gencode=arch=compute_90,code=sm_90" in args and "-gencode=arch=compute_100,code=compute_100" in args
         assert normalize_cuda_arch_list() == ""  # already readable: untouched, nothing said
     assert normalize_cuda_arch_list({}) == ""
+
+
+def test_lavis_optimisation_defaults_no_clipping_and_lavis_decay_groups():
+    """grad_clip: LAVIS never clips; weight decay on every trained parameter of 2+ dimensions that is not a
+    bias (query_tokens included), as LAVIS's get_optimizer_params."""
+    from engine.models import build_vlm
+    from engine.trainer.loop import param_groups
+
+    r = parse_recipe(tiny())
+    assert r.run.grad_clip == 0.0 and r.run.warmup_lr is None and r.run.lr_sched == "linear_warmup_cosine_lr"
+    assert fill_ds_config(r, world_size=1, on_cpu=True)["gradient_clipping"] == 0.0
+    model = build_vlm("blip2_opt", model_type="tiny")
+    groups = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert "hf.query_tokens" in decay and "hf.language_projection.weight" in decay
+    assert "hf.language_projection.bias" in no_decay and "hf.vision_model.post_layernorm.weight" in no_decay
+    assert all(n.endswith("bias") or model.get_parameter(n).dim() < 2 for n in no_decay)
+    assert all(model.get_parameter(n).dim() >= 2 for n in decay)
+
+
+# LAVIS's lavis/projects/blip2/train/caption_coco_ft.yaml with its model type's defaults
+# (configs/models/blip2/blip2_caption_opt2.7b.yaml), as the engine names them.
+CAPTION_COCO_FT = {
+    "model.arch": "blip2_opt", "model.model_type": "caption_coco_opt2.7b", "model.load_finetuned": False,
+    "model.use_grad_checkpoint": True, "model.freeze_vit": False, "model.image_size": 364, "model.max_txt_len": 32,
+    "model.prompt": "a photo of ",  # blip_caption's prompt, as it is applied to the targets
+    "vis_processor.train": {"name": "blip2_image_train", "image_size": 364},
+    "vis_processor.eval": {"name": "blip_image_eval", "image_size": 364},
+    "text_processor.train": {"name": "blip_caption"}, "text_processor.eval": {"name": "blip_caption"},
+    "run.task": "captioning", "run.lr_sched": "linear_warmup_cosine_lr", "run.init_lr": 1e-5, "run.min_lr": 0,
+    "run.warmup_lr": 1e-8, "run.warmup_steps": 1000, "run.weight_decay": 0.05, "run.max_epoch": 5,
+    "run.batch_size_train": 16, "run.batch_size_eval": 8, "run.num_workers": 4, "run.accum_grad_iters": 1,
+    "run.max_len": 30, "run.min_len": 8, "run.num_beams": 5, "run.seed": 42, "run.train_splits": ["train"],
+    "run.valid_splits": ["val"], "run.test_splits": ["test"], "run.grad_clip": 0.0, "run.length_counting": "lavis",
+    "run.evaluate": False,
+}
+
+
+def test_coco_recipe_is_lavis_caption_coco_ft_key_for_key():
+    r = load_recipe(os.path.join(RECIPES, "coco_caption_opt2.7b.yaml"), check_files=False)
+    ds = r.datasets["coco_caption"]
+    for key, want in CAPTION_COCO_FT.items():
+        section, name = key.split(".", 1)
+        if section in ("vis_processor", "text_processor"):
+            p = getattr(ds, section)[name]
+            got = {"name": p.name, **p.kwargs}
+        else:
+            got = getattr(getattr(r, section), name)
+        assert got == want, (key, got, want)
+    header = open(os.path.join(RECIPES, "coco_caption_opt2.7b.yaml")).read().split("\nmodel:")[0]
+    assert "caption_coco_ft.yaml" in header and "Deliberate differences" in header

@@ -331,6 +331,48 @@ def test_hf_folder_of_every_family_loads_with_its_processor(arch, tmp_path):
         build_vlm(arch, model_type="tiny", pretrained=str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"])
+def test_exported_folder_generates_as_the_engine_in_plain_transformers(arch, tmp_path):
+    """config + generation_config + processor + weights: plain transformers (the saved processor and
+    `generate` with the saved generation settings) gives the engine's own captions. Greedy in both length
+    countings; beam search with lengths in new tokens (with LAVIS's counting the engine also ranks beams cut
+    at the length limit as LAVIS does, which plain transformers cannot be told)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, GenerationConfig
+
+    from engine.build import build_model
+    from engine.checkpoints.hf import save_hf_folder
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    for counting in ("new_tokens", "lavis"):
+        recipe = tiny_recipe(f"model.arch={arch}", "run.max_len=9", "run.min_len=4",
+                             f"run.length_counting={counting}")
+        model = build_model(recipe).eval()
+        with torch.no_grad():  # a sharper random LM, so captions vary with the image and prompt
+            model.hf.language_model.get_output_embeddings().weight.mul_(8.0)
+        out = tmp_path / counting
+        save_hf_folder(model, str(out), recipe_dict=recipe.to_dict(), info={})
+        hf = hf_class(model).from_pretrained(out, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(out)
+        saved = GenerationConfig.from_pretrained(out)
+        assert saved.eos_token_id == model.eos_id == hf.config.text_config.eos_token_id
+        assert (saved.max_new_tokens, saved.min_new_tokens) == model.generation_lengths(9, 4, counting)
+        prompt = "a photo of" if model.family == "opt" else "what is in the picture?"
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        assert inputs["pixel_values"].shape[-1] == model.image_size
+        for beams in ((1, 3) if counting == "new_tokens" else (1,)):
+            ours = model.generate(inputs["pixel_values"], [prompt], num_beams=beams, max_len=9, min_len=4,
+                                  length_counting=counting)[0]
+            ids = hf.generate(**inputs, generation_config=saved, num_beams=beams)
+            if model.decoder_only:
+                ids = ids[:, inputs["input_ids"].shape[1]:]
+            theirs = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+            assert theirs == ours, (counting, beams, theirs, ours)
+            assert ours
+
+
 def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, capsys):
     export = tool("export_hf")
     src = latest_checkpoint(zero2_run)
@@ -458,7 +500,10 @@ def test_import_lavis_sherlock_style_partial_checkpoint_keeps_the_rest_from_base
     base = build_vlm("blip2_opt", model_type="tiny").hf.state_dict()
     source = trained_like("blip2_opt", seed=2).hf.state_dict()
     lavis = to_lavis(source, "opt", False)
-    partial = {k: v for k, v in lavis.items() if k.startswith(("Qformer.", "query_tokens", "opt_proj."))}
+    # LAVIS's runner layout: what trained (Q-Former, query tokens, projection, ln_vision under freeze_vit)
+    # plus the frozen OPT's lm_head, which is tied to the input embeddings and saved in fp16.
+    partial = {k: v for k, v in lavis.items() if k.startswith(("Qformer.", "query_tokens", "opt_proj.", "ln_vision."))}
+    partial["opt_model.lm_head.weight"] = (lavis["opt_model.lm_head.weight"] + 0.5).half()
     partial["Qformer.cls.predictions.bias"] = torch.zeros(4)  # stage-1 head: dropped, with the reason
     pth = tmp_path / "checkpoint_best.pth"
     torch.save({"model": partial}, pth)
@@ -467,13 +512,107 @@ def test_import_lavis_sherlock_style_partial_checkpoint_keeps_the_rest_from_base
     printed = capsys.readouterr().out
     assert "kept from base: vision" in printed and "kept from base: llm" in printed
     assert "dropped  Qformer.cls.predictions.bias" in printed
+    assert "dropped  opt_model.lm_head.weight: a frozen copy of the language model's tied embeddings" in printed
     info = json.loads((out / "export_info.json").read_text())
     assert info["kept_from_base"]["vision"] > 0 and info["kept_from_base"]["llm"] > 0
     assert "qformer" not in info["kept_from_base"]
     loaded = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
     for key in loaded:
-        want = source if key.startswith(("qformer.", "query_tokens", "language_projection.")) else base
-        assert torch.equal(loaded[key], want[key]), key
+        trained = key.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))
+        want = source if trained else base
+        assert torch.equal(loaded[key], want[key]), key  # the base's embeddings and lm_head untouched
+
+
+def test_import_lavis_t5_runner_checkpoint_keeps_the_bases_embeddings(tmp_path, capsys):
+    from engine.models.blip2 import build_vlm
+
+    base = build_vlm("blip2_t5", model_type="tiny").hf.state_dict()
+    lavis = to_lavis(trained_like("blip2_t5", seed=4).hf.state_dict(), "t5", False)
+    partial = {k: v for k, v in lavis.items() if k.startswith(("Qformer.", "query_tokens", "t5_proj.", "ln_vision."))}
+    for name in ("encoder", "decoder"):  # LAVIS casts T5 to bf16; the tied copies stay in its runner files
+        partial[f"t5_model.{name}.embed_tokens.weight"] = lavis["t5_model.shared.weight"].bfloat16()
+    pth = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": partial}, pth)
+    out = tmp_path / "imported"
+    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_t5", "--model_type", "tiny"]) == 0
+    assert "dropped  t5_model.encoder.embed_tokens.weight" in capsys.readouterr().out
+    loaded = hf_class(build_vlm("blip2_t5", model_type="tiny")).from_pretrained(out, dtype=torch.float32).state_dict()
+    for key in ("language_model.shared.weight", "language_model.lm_head.weight"):
+        assert torch.equal(loaded[key], base[key]), key
+
+
+def test_import_lavis_onto_a_base_with_a_resized_vocabulary(tmp_path, capsys):
+    # Checkpoints older than the <image> placeholder: the base grew its vocabulary for it, LAVIS's did not.
+    from engine.models.blip2 import build_vlm
+
+    source = trained_like("blip2_opt", seed=5)
+    lavis = to_lavis(source.hf.state_dict(), "opt", False)
+    image_row = source.image_token_id
+    assert image_row == source.hf.get_input_embeddings().num_embeddings - 1  # the last token of the tiny vocab
+    for key in ("opt_model.model.decoder.embed_tokens.weight", "opt_model.lm_head.weight"):
+        lavis[key] = lavis[key][:image_row].clone()
+    pth = tmp_path / "checkpoint_full.pth"
+    torch.save({"model": lavis}, pth)
+    out = tmp_path / "imported"
+    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    assert "resized  language_model.model.decoder.embed_tokens.weight" in capsys.readouterr().out
+    loaded = hf_class(source).from_pretrained(out, dtype=torch.float32).state_dict()
+    emb = loaded["language_model.model.decoder.embed_tokens.weight"]
+    assert torch.equal(emb[:image_row], lavis["opt_model.model.decoder.embed_tokens.weight"])
+    base = build_vlm("blip2_opt", model_type="tiny").hf.state_dict()
+    assert torch.equal(emb[image_row:], base["language_model.model.decoder.embed_tokens.weight"][image_row:])
+
+
+def test_import_lavis_recipe_keeps_the_run(tmp_path):
+    """The prompt exactly as LAVIS applied it (blip_caption's, trailing space included), max_txt_len,
+    max_output_txt_len, the dataset sections of the LAVIS config (no Sherlock section for COCO), the
+    generation settings, and LAVIS's image size."""
+    from engine.models.blip2 import build_vlm
+
+    lavis = to_lavis(trained_like("blip2_vicuna_instruct", seed=6).hf.state_dict(), "llama", True)
+    config = {
+        "model": {"arch": "blip2_vicuna_instruct", "prompt": "a photo of", "max_txt_len": 24,
+                  "max_output_txt_len": 40, "image_size": 64},
+        "datasets": {"coco_caption": {
+            "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64},
+                              "eval": {"name": "blip_image_eval", "image_size": 64}},
+            "text_processor": {"train": {"name": "blip_caption", "prompt": "a photo of "},
+                               "eval": {"name": "blip_caption"}},
+            "build_info": {"images": {"storage": "/export/coco"}}}},
+        "run": {"task": "captioning", "num_beams": 5, "max_len": 30, "min_len": 8, "amp": True},
+    }
+    pth = tmp_path / "checkpoint_4.pth"
+    torch.save({"model": lavis, "config": config}, pth)
+    out = tmp_path / "imported"
+    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_vicuna_instruct",
+                                      "--model_type", "tiny"]) == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["prompt"] == "a photo of "
+    assert recipe["model"]["max_txt_len"] == 24 and recipe["model"]["max_output_txt_len"] == 40
+    assert "image_size" not in recipe["model"]  # LAVIS's size is the ViT's: nothing to resize
+    assert set(recipe["datasets"]) == {"coco_caption"}
+    coco = recipe["datasets"]["coco_caption"]
+    assert coco["vis_processor"]["train"] == {"name": "blip2_image_train", "image_size": 64}
+    assert coco["text_processor"]["train"] == {"name": "blip_caption"}  # its prompt is model.prompt
+    assert (recipe["run"]["num_beams"], recipe["run"]["max_len"], recipe["run"]["min_len"]) == (5, 30, 8)
+    # tools/infer.py's loader reads it back
+    from engine.inference import load_model
+
+    model, loaded = load_model(str(out), device="cpu")
+    assert loaded.model.prompt == "a photo of " and model.max_output_txt_len == 40
+    # A LAVIS run at another size than the base's ViT: the imported model takes LAVIS's size.
+    config["model"]["image_size"] = 96
+    for ds in config["datasets"]["coco_caption"]["vis_processor"].values():
+        ds["image_size"] = 96
+    del lavis["visual_encoder.pos_embed"]  # a runner checkpoint of a frozen ViT has no position embeddings
+    torch.save({"model": lavis, "config": config}, pth)
+    out96 = tmp_path / "imported96"
+    assert tool("import_lavis").main([str(pth), str(out96), "--arch", "blip2_vicuna_instruct",
+                                      "--model_type", "tiny"]) == 0
+    assert yaml.safe_load((out96 / "recipe.yaml").read_text())["model"]["image_size"] == 96
+    hf = hf_class(build_vlm("blip2_vicuna_instruct", model_type="tiny")).from_pretrained(out96)
+    assert hf.config.vision_config.image_size == 96
+    assert hf.vision_model.embeddings.position_embedding.shape[1] == (96 // 8) ** 2 + 1
 
 
 def test_import_lavis_refuses_unmapped_keys_pickled_objects_and_another_llm(tmp_path, capsys):

@@ -53,12 +53,13 @@ def test_planner_counts_equal_the_real_tiny_model(arch, options):
 
 def test_planner_counts_the_real_size_opt27b_on_meta():
     p = plan(recipe("sherlock_opt2.7b.yaml"), gpus=1, gpu_mem_gb=24)
-    assert p.params["all"]["total"] == 3_744_679_936
-    assert p.params["vision"] == {"total": 985_952_256, "trainable": 0}
+    # The COCO checkpoint's ViT takes 364 px: 26^2 + 1 positions; ln_vision counts with the Q-Former.
+    assert p.params["all"]["total"] == 3_744_679_936 + 1408 * (26 ** 2 - 16 ** 2)
+    assert p.params["vision"] == {"total": 985_949_440 + 1408 * (26 ** 2 - 16 ** 2), "trainable": 0}
     assert p.params["llm"] == {"total": 2_651_596_800, "trainable": 0}
-    # Q-Former 105.14M + projection 1.97M + 32 x 768 query tokens, all trainable.
-    assert p.params["qformer"]["total"] == p.params["qformer"]["trainable"] == 107_130_880
-    assert p.params["all"]["trainable"] == 107_130_880 and p.params["lora"]["total"] == 0
+    # Q-Former 105.14M + projection 1.97M + 32 x 768 query tokens + ln_vision (2 x 1408), all trainable.
+    assert p.params["qformer"]["total"] == p.params["qformer"]["trainable"] == 107_133_696
+    assert p.params["all"]["trainable"] == 107_133_696 and p.params["lora"]["total"] == 0
     # Frozen weights are counted: 2 B each, replicated under ZeRO-2.
     assert p.breakdown_gb["model_states"] * GIB >= 2 * 3_744_679_936
     assert p.fits and 9 < p.gpu_gb < 24
@@ -131,7 +132,9 @@ def test_random_init_builds_every_zoo_entry_on_meta():
             assert facts.llm["layers"] == text.get("num_hidden_layers", text.get("num_layers"))
             assert facts.vision["layers"] == 39 and facts.num_query_tokens == 32
             s = facts.params
-            assert s["all"]["total"] > 3.7e9 and s["vision"]["total"] == 985_952_256, (entry.name, model_type)
+            # EVA ViT-g without ln_vision; the caption_coco_* ViTs take 364 px: (26^2 - 16^2) more positions.
+            vit = 985_949_440 + (1408 * (26 ** 2 - 16 ** 2) if model_type.startswith("caption_coco") else 0)
+            assert s["all"]["total"] > 3.7e9 and s["vision"]["total"] == vit, (entry.name, model_type)
             assert s["all"]["trainable"] == s["qformer"]["trainable"] > 0  # BLIP-2 defaults: ViT and LLM frozen
 
 

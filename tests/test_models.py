@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.models import (
+    checkpoint_image_size,
     DEFAULT_TARGETS,
     IGNORE_INDEX,
     WeightsNotFoundError,
@@ -35,13 +36,18 @@ def test_registry_has_the_four_archs_each_with_tiny_and_official_checkpoints():
     assert {"blip2_opt", "blip2_t5", "blip2_vicuna_instruct", "blip2_t5_instruct"} <= set(ARCHS)
     for entry in MODELS:
         assert "tiny" in entry.zoo and entry.zoo["tiny"].hf_name is None
-        assert entry.zoo["tiny"].defaults["image_size"] == 64
+        assert checkpoint_image_size(entry.name, "tiny") == 64
         for model_type, zoo_entry in entry.zoo.items():
             if model_type != "tiny":
                 assert zoo_entry.hf_name.startswith("Salesforce/") and zoo_entry.config
         assert "model_type" in inspect.signature(entry.obj).parameters
     assert MODELS.get("blip2_opt").zoo["caption_coco_opt2.7b"].hf_name == "Salesforce/blip2-opt-2.7b-coco"
     assert MODELS.get("blip2_opt").zoo["caption_coco_opt2.7b"].defaults["prompt"] == "a photo of "
+    # LAVIS's and the official COCO-finetuned models take 364 px images; the others 224.
+    for arch, model_type in (("blip2_opt", "caption_coco_opt2.7b"), ("blip2_opt", "caption_coco_opt6.7b"),
+                             ("blip2_t5", "caption_coco_flant5xl")):
+        assert checkpoint_image_size(arch, model_type) == 364
+    assert checkpoint_image_size("blip2_opt", "pretrain_opt2.7b") == 224
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -53,26 +59,56 @@ def test_forward_backward_grads_only_on_trainable(arch):
     summary = model.parameter_summary()
     assert summary["vision"]["trainable"] == 0 and summary["llm"]["trainable"] == 0  # BLIP-2 defaults
     assert summary["qformer"]["trainable"] > 0
+    trained = ("hf.qformer.", "hf.query_tokens", "hf.language_projection.", "hf.vision_model.post_layernorm.")
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert name.startswith(("hf.qformer.", "hf.query_tokens", "hf.language_projection.")), name
+            assert name.startswith(trained), name
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
         else:
             assert p.grad is None, name
+    # LAVIS's freeze_vit freezes the ViT proper; ln_vision (post_layernorm) trains with the Q-Former.
+    assert model.hf.vision_model.post_layernorm.weight.requires_grad
+    assert not model.hf.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad
+    assert not build(arch, freeze_qformer=True, freeze_llm=False).hf.vision_model.post_layernorm.weight.requires_grad
+
+
+def test_end_of_text_is_the_checkpoints():
+    """OPT ends text with "\n" (LAVIS, official text_config.eos_token_id 50118), not its tokenizer's </s>;
+    InstructBLIP Vicuna starts with </s> and ends with </s>; Flan-T5 ends with </s> and has its own head."""
+    opt = build("blip2_opt")
+    assert opt.eos_id == opt.hf.config.text_config.eos_token_id != opt.tokenizer.eos_token_id
+    assert opt.tokenizer.decode([opt.eos_id]) == "\n"
+    assert opt.tokenizer("\n", add_special_tokens=False)["input_ids"] == [opt.eos_id]
+    assert opt.build_inputs([""], ["a dog"])["labels"][0, -1] == opt.eos_id
+    vicuna = build("blip2_vicuna_instruct")
+    assert vicuna.tokenizer.bos_token == vicuna.tokenizer.eos_token == "</s>" and vicuna.bos_id == vicuna.eos_id
+    assert vicuna.tokenizer("a dog")["input_ids"][0] == vicuna.eos_id
+    for arch in ("blip2_t5", "blip2_t5_instruct"):
+        t5 = build(arch)
+        assert t5.tokenizer.convert_ids_to_tokens(t5.eos_id) == "</s>"
+        lm = t5.hf.language_model
+        assert lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight  # untied, as Flan-T5
+        assert not torch.equal(lm.get_output_embeddings().weight, lm.get_input_embeddings().weight)
+        assert t5.hf.config.text_config.dense_act_fn == "gelu"  # as LAVIS and the official folders
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_label_masking_exact_positions(arch):
     model = build(arch, max_txt_len=32)
-    nq, img, eos = model.num_query_tokens, model.image_token_id, model.tokenizer.eos_token_id
+    nq, img, eos = model.num_query_tokens, model.image_token_id, model.eos_id
     batch = model.build_inputs(["a photo of ", "why?"], ["a dog", "because it is raining outside today"], "cpu")
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
     if model.decoder_only:
-        bos, pad = model.tokenizer.bos_token_id, model.pad_id
-        # Tokenised apart; the prompt's trailing space goes with the target (byte-level BPE only).
-        space = "" if model._prefix_space else " "
-        rows = [([bos] + text_ids(model, "a photo of"), text_ids(model, space + "a dog") + [eos]),
-                ([bos] + text_ids(model, "why?"), text_ids(model, "because it is raining outside today") + [eos])]
+        bos, pad = model.bos_id, model.pad_id
+        if model.instruct:  # LAVIS InstructBLIP: prompt and target tokenised apart, each exactly as given
+            heads = [text_ids(model, "a photo of "), text_ids(model, "why?")]
+            tails = [text_ids(model, "a dog"), text_ids(model, "because it is raining outside today")]
+        else:  # LAVIS BLIP-2 OPT: the joined text; the prompt's trailing space goes with the target
+            heads = [text_ids(model, "a photo of"), text_ids(model, "why?")]
+            tails = [text_ids(model, " a dog"), text_ids(model, " because it is raining outside today")]
+            assert heads[0] + tails[0] == text_ids(model, "a photo of a dog")
+            tails[1] = text_ids(model, "because it is raining outside today")
+        rows = [([bos] + h, t + [eos]) for h, t in zip(heads, tails)]
         width = nq + max(len(h) + len(t) for h, t in rows)
         for i, (head, tail) in enumerate(rows):
             n_pad = width - nq - len(head) - len(tail)
@@ -91,16 +127,81 @@ def test_label_masking_exact_positions(arch):
         assert batch["qformer_input_ids"].shape[0] == 2 and batch["qformer_attention_mask"].sum() > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_truncation_keeps_max_txt_len_text_tokens(arch):
-    model = build(arch, max_txt_len=6)
-    batch = model.build_inputs(["a long prompt about the picture"], ["a very long target " * 5], "cpu")
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_vicuna_instruct"])
+def test_empty_prompt_masks_as_lavis(arch):
+    # LAVIS blip2_opt masks the prompt only `if self.prompt`: with none, bos stays in the loss.
+    # LAVIS InstructBLIP always masks its input part (bos included).
+    model = build(arch)
     nq = model.num_query_tokens
-    if model.decoder_only:
-        assert batch["input_ids"].shape[1] == nq + 6
+    labels = model.build_inputs([""], ["a dog"])["labels"][0].tolist()
+    target = text_ids(model, "a dog") + [model.eos_id]
+    if arch == "blip2_opt":
+        assert labels == [IGNORE_INDEX] * nq + [model.bos_id] + target
     else:
-        assert batch["input_ids"].shape[1] == nq + 6 and batch["labels"].shape[1] == 6
-        assert batch["labels"][0, -1] == model.tokenizer.eos_token_id  # T5 keeps its eos, as LAVIS does
+        assert labels == [IGNORE_INDEX] * (nq + 1) + target
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_truncation_as_lavis(arch):
+    model = build(arch, max_txt_len=6, max_output_txt_len=5)
+    prompt, target = "a long prompt about the picture", "a very long target " * 5
+    batch = model.build_inputs([prompt], [target], "cpu")
+    nq = model.num_query_tokens
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    p, t = text_ids(model, prompt), text_ids(model, target)
+    if model.family == "opt":  # BLIP-2 OPT: bos + prompt + target + eos cut at max_txt_len together
+        assert len(ids) == nq + 6 and ids[nq:] == [model.bos_id] + p[:5]
+    elif model.family == "llama":  # InstructBLIP: prompt cut from the left, target (+ eos) at max_output_txt_len - 1
+        assert ids[nq:] == [model.bos_id] + p[-5:] + t[:4]
+        assert labels == [IGNORE_INDEX] * (nq + 6) + t[:4]
+    elif model.instruct:  # InstructBLIP T5: encoder prompt cut from the left; target at max_output_txt_len
+        assert ids[nq:] == p[-5:] + [model.eos_id] and labels == t[:4] + [model.eos_id]
+    else:  # BLIP-2 T5: prompt and target each cut at max_txt_len, eos kept
+        assert ids[nq:] == p[:5] + [model.eos_id] and labels == t[:5] + [model.eos_id]
+    if model.instruct:  # the Q-Former reads the end of a long instruction too
+        q = model._qformer_inputs([prompt * 10], "cpu")["qformer_input_ids"][0]
+        assert q.shape[0] == 6 and q[-1].item() == model.qformer_tokenizer.sep_token_id
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_lengths_count_as_lavis(arch):
+    model = build(arch).eval()
+    seen = {}
+    real = model.hf.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    model.hf.generate = spy
+    model.generate(images(1), [""], num_beams=1, max_len=7, min_len=7)
+    if model.decoder_only:  # LAVIS: a leading bos counts in max_length and min_length
+        assert (seen["max_new_tokens"], seen["min_new_tokens"]) == (6, 6)
+    else:  # LAVIS: max_new_tokens, but min_length counts the decoder start token
+        assert (seen["max_new_tokens"], seen["min_new_tokens"]) == (7, 6)
+    model.generate(images(1), [""], num_beams=1, max_len=7, min_len=3, length_counting="new_tokens")
+    assert (seen["max_new_tokens"], seen["min_new_tokens"]) == (7, 3)
+    with pytest.raises(ValueError, match="new_tokens"):
+        model.generate(images(1), [""], max_len=7, length_counting="tokens")
+
+
+@pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5_instruct"])
+def test_image_size_is_the_checkpoints_unless_asked(arch, tmp_path):
+    model = build(arch)
+    with pytest.raises(ValueError, match=r"\(96, 96\) px, but the ViT takes 64 px"):
+        model(images(size=96), PROMPTS, TARGETS)
+    resized = build(arch, image_size=96).eval()  # the position embeddings interpolated once, in the weights
+    emb = resized.hf.vision_model.embeddings
+    assert resized.image_size == resized.hf.config.vision_config.image_size == 96
+    assert emb.position_embedding.shape[1] == (96 // 8) ** 2 + 1
+    torch.testing.assert_close(emb.position_embedding[:, :1], model.hf.vision_model.embeddings.position_embedding[:, :1])
+    assert torch.isfinite(resized(images(size=96), PROMPTS, TARGETS))
+    resized.hf.save_pretrained(tmp_path)  # and a folder says so: plain transformers runs it at 96 px
+    reloaded = type(resized.hf).from_pretrained(tmp_path)
+    assert reloaded.config.vision_config.image_size == 96
+    torch.testing.assert_close(reloaded.vision_model.embeddings.position_embedding, emb.position_embedding)
+    with pytest.raises(ValueError, match="multiple of the ViT's patch size 8"):
+        build(arch, image_size=100)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -182,7 +283,8 @@ def test_lora_only_on_llm_targets(arch):
         assert name.split(".")[-2] in targets, name
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert "lora_" in name or name.startswith(("hf.qformer.", "hf.query_tokens", "hf.language_projection.")), name
+            assert "lora_" in name or name.startswith(("hf.qformer.", "hf.query_tokens", "hf.language_projection.",
+                                                       "hf.vision_model.post_layernorm.")), name
         elif "lora_" in name:
             pytest.fail(f"{name} is frozen")
     s = model.parameter_summary()
@@ -262,5 +364,5 @@ def test_random_mode_builds_official_opt27b_on_meta():
         model = build("blip2_opt", model_type="pretrain_opt2.7b", pretrained="random")
     s = model.parameter_summary()
     assert s["all"]["total"] == 3_744_679_936  # BLIP-2 OPT-2.7b, tied embeddings
-    assert s["qformer"]["trainable"] == s["all"]["trainable"] == 107_130_880
+    assert s["qformer"]["trainable"] == s["all"]["trainable"] == 107_133_696  # + ln_vision
     assert model.hf.query_tokens.is_meta and model.image_size == 224

@@ -209,7 +209,7 @@ def test_evaluate_captioning_dedups_sorts_and_scores(monkeypatch, caplog):
     dtype, kw = model.calls[0]
     assert dtype == torch.float64  # cast to the model's dtype
     assert kw == dict(num_beams=3, max_len=20, min_len=2, repetition_penalty=1.5, length_penalty=0.5,
-                      synced_gpus=False)
+                      synced_gpus=False, length_counting="lavis")
 
 
 def test_evaluate_captioning_without_references_returns_no_metrics():

@@ -25,7 +25,8 @@ OUT = os.path.join(ROOT, "docs", "recipes.md")
 
 # What the processors' constructor arguments mean (the processors document their behaviour, not each argument).
 PROCESSOR_ARGS = {
-    "image_size": "output side in pixels; unset follows model.image_size",
+    "image_size": "output side in pixels; unset follows the model (model.image_size, else the ViT's); another "
+                  "value is an error",
     "min_scale": "smallest crop area, as a fraction of the image (RandomResizedCrop's scale)",
     "max_scale": "largest crop area, as a fraction of the image",
     "mean": "normalisation mean per channel; unset = CLIP's, as LAVIS",
@@ -103,14 +104,16 @@ def render() -> str:
         "checkpoint (downloaded by you into a local folder given as `model.pretrained`) and sets the defaults "
         "below for keys the recipe leaves out. `tiny` needs no checkpoint (seeded random weights).",
         "",
-        "| model.arch | model.model_type | official checkpoint | zoo defaults |",
-        "|---|---|---|---|",
+        "| model.arch | model.model_type | official checkpoint | ViT image size | zoo defaults |",
+        "|---|---|---|---|---|",
     ]
+    from engine.models.zoo import checkpoint_image_size
+
     for entry in MODELS:
         for model_type, z in entry.zoo.items():
             defaults = ", ".join(f"{k}: {json.dumps(v)}" for k, v in z.defaults.items())
             out.append(f"| `{entry.name}` | `{model_type}` | {z.hf_name or '(none: random, tiny)'} | "
-                       f"{_cell(defaults)} |")
+                       f"{checkpoint_image_size(entry.name, model_type)} | {_cell(defaults)} |")
     out += [
         "",
         "## datasets",
@@ -119,7 +122,7 @@ def render() -> str:
         "(see `run.train_dataset_ratios`). Besides the keys below, every dataset takes `vis_processor` and "
         "`text_processor`, each a mapping with a `train` and/or `eval` slot holding `{name: <processor>, "
         "<argument>: <value>, ...}` (see [Processors](#processors)). Unset, images use `blip2_image_train` for "
-        "training and `blip_image_eval` for evaluation at `model.image_size`, and texts are used as they are.",
+        "training and `blip_image_eval` for evaluation at the model's image size, and texts are used as they are.",
         "",
     ]
     for entry in DATASETS:

@@ -12,7 +12,11 @@ accounted for: imported, dropped (with the reason), kept from the base, or unmap
 objects is refused.
 
 OUT_DIR is written as by tools/export_hf.py (safetensors, tokenizer, processor, recipe.yaml,
-export_info.json with the full key report).
+export_info.json with the full key report). recipe.yaml keeps the LAVIS run (from the config in the .pth):
+the prompt exactly as LAVIS applied it (a text processor's, trailing space included), max_txt_len,
+max_output_txt_len, the image size, the dataset sections and the generation settings. The tied embedding
+copies a LAVIS runner file holds for a frozen LLM (OPT's lm_head, T5's embed_tokens) never overwrite the
+base's; a base vocabulary extended for <image> keeps its added rows.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="region mode the LAVIS run was trained with (recorded in recipe.yaml for tools/infer.py)")
     p.add_argument("--text", default="inference", choices=["inference", "clue_inference", "clue_in_prompt"],
                    help="Sherlock text mode the LAVIS run was trained with")
-    p.add_argument("--prompt", help="model prompt (default: the LAVIS config's, else the zoo default)")
+    p.add_argument("--prompt", help="model prompt (default: the LAVIS config's as LAVIS applied it: a text "
+                                    "processor's prompt, else the model's; else the zoo default)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     return p.parse_args(argv)

@@ -23,14 +23,14 @@ from engine.data.processors import CLIP_MEAN, CLIP_STD
 from engine.models.tokenizer import IMAGE_TOKEN
 
 
-def image_processor_args(recipe) -> Dict[str, Any]:
-    """Size/mean/std of the eval image processor the recipe trains and evaluates with."""
-    size = recipe.model.image_size
+def image_processor_args(recipe, model) -> Dict[str, Any]:
+    """Size/mean/std of the eval image processor the recipe evaluates with; the size is the ViT's (the
+    recipe's processors are checked to agree with it)."""
+    size = model.image_size
     mean, std = CLIP_MEAN, CLIP_STD
     for spec in recipe.datasets.values():
         ev = spec.vis_processor.get("eval")
         if ev is not None:
-            size = ev.kwargs.get("image_size", size)
             mean = ev.kwargs.get("mean") or mean
             std = ev.kwargs.get("std") or std
             break
@@ -94,8 +94,13 @@ def save_hf_folder(model, out_dir: str, *, recipe_dict: Optional[Mapping[str, An
         hf.to(SAVE_DTYPES[dtype])
         kwargs = {"safe_serialization": True} if "safe_serialization" in inspect.signature(
             hf.save_pretrained).parameters else {}  # transformers 5 always writes safetensors
+        if recipe is not None:  # plain transformers then generates as the engine's evaluation does
+            r = recipe.run
+            hf.generation_config = model.hf_generation_config(
+                num_beams=r.num_beams, max_len=r.max_len, min_len=r.min_len, repetition_penalty=r.repetition_penalty,
+                length_penalty=r.length_penalty, length_counting=r.length_counting)
         hf.save_pretrained(tmp, **kwargs)
-        proc_args = image_processor_args(recipe) if recipe is not None else {
+        proc_args = image_processor_args(recipe, model) if recipe is not None else {
             "image_size": model.image_size, "mean": None, "std": None}
         if proc_args["mean"] is None:
             proc_args.update(mean=list(CLIP_MEAN), std=list(CLIP_STD))

@@ -48,9 +48,10 @@ from safetensors.torch import load_file
 
 from engine.checkpoints.common import check_out_dir
 from engine.checkpoints.hf import save_hf_folder
-from engine.models.blip2 import build_vlm
+from engine.models.blip2 import build_vlm, resize_vision
 from engine.models.parts import part_of
 from engine.models.zoo import ARCHS
+from engine.registry import DATASETS
 
 # LAVIS attribute names of the language model and its input projection, per LLM family.
 LLM_PREFIXES = {"opt": ("opt_model", "opt_proj"), "t5": ("t5_model", "t5_proj"), "llama": ("llm_model", "llm_proj")}
@@ -203,17 +204,58 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], family: str,
     return out, report
 
 
+# LLM weights that LAVIS's runner still saves for a frozen LLM: its checkpoints drop the parameters
+# that do not train, by name, but a tied weight's second name (OPT's lm_head, T5's encoder/decoder
+# embed_tokens) is not a parameter name, so the frozen copy stays, in the LLM's run dtype (fp16/bf16).
+_TIED_ALIAS = re.compile(r"^language_model\.(lm_head\.weight|shared\.weight|encoder\.embed_tokens\.weight|"
+                         r"decoder\.embed_tokens\.weight|model\.decoder\.embed_tokens\.weight|"
+                         r"model\.embed_tokens\.weight)$")
+_VOCAB_ROWS = re.compile(r"(embed_tokens|shared|lm_head)\.weight$")
+
+
+def _tied_aliases_only(converted: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> List[str]:
+    """The LLM keys of a checkpoint that holds no LLM weight but copies of tied embeddings (the runner
+    layout of a frozen LLM); empty when it holds the LLM (a full checkpoint or a trained LLM)."""
+    llm = [k for k in converted if k.startswith("language_model.")]
+    if not llm or not all(_TIED_ALIAS.match(k) for k in llm):
+        return []
+    storage: Dict[int, int] = {}
+    for t in current.values():
+        storage[t.data_ptr()] = storage.get(t.data_ptr(), 0) + 1
+    # Each must be tied in the base too (shares its storage with another name).
+    return llm if all(k in current and storage[current[k].data_ptr()] > 1 for k in llm) else []
+
+
 def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Tensor],
                      report: Dict[str, Any]) -> Dict[str, Any]:
     """Copy the converted tensors over the base model. Unknown keys and shape mismatches are errors;
-    the report gains ``imported`` and ``kept_from_base`` (per part, with the keys)."""
+    the report gains ``imported`` and ``kept_from_base`` (per part, with the keys).
+
+    Two cases LAVIS checkpoints bring: a runner checkpoint of a frozen LLM still holds copies of its tied
+    embeddings (OPT ``lm_head``, T5 ``embed_tokens``, fp16/bf16): they never overwrite the base's own
+    (the report lists them under ``dropped``); a base whose vocabulary was extended (the ``<image>``
+    token of checkpoints that predate it) takes the checkpoint's rows and keeps its added ones."""
     current = hf_model.state_dict(keep_vars=True)
+    converted = dict(converted)
     lavis_of = {}
     for lavis, hf in report["mapped"].items():
         lavis_of.setdefault(hf, lavis)
+    for k in _tied_aliases_only(converted, current):
+        converted.pop(k)
+        report["mapped"].pop(lavis_of.get(k, k), None)
+        report["dropped"][lavis_of.get(k, k)] = (
+            "a frozen copy of the language model's tied embeddings that LAVIS's runner saves with the trained "
+            "parts; the base's own embeddings are kept")
     unknown = [f"{lavis_of.get(k, k)} -> {k}" for k in converted if k not in current]
-    shapes = [f"{lavis_of.get(k, k)} -> {k}: checkpoint {tuple(v.shape)}, base {tuple(current[k].shape)}"
-              for k, v in converted.items() if k in current and tuple(v.shape) != tuple(current[k].shape)]
+    resized, shapes = {}, []
+    for k, v in converted.items():
+        if k not in current or tuple(v.shape) == tuple(current[k].shape):
+            continue
+        base = tuple(current[k].shape)
+        if _VOCAB_ROWS.search(k) and v.dim() == 2 and v.shape[1] == base[1] and v.shape[0] < base[0]:
+            resized[k] = (int(v.shape[0]), int(base[0]))
+        else:
+            shapes.append(f"{lavis_of.get(k, k)} -> {k}: checkpoint {tuple(v.shape)}, base {base}")
     if unknown or shapes:
         lines = ["the LAVIS checkpoint does not fit the base model:"]
         if unknown:
@@ -225,7 +267,10 @@ def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Te
     written = set()
     with torch.no_grad():
         for k, v in converted.items():
-            current[k].copy_(v)
+            if k in resized:  # the base's added tokens (e.g. <image>) keep their rows
+                current[k][: v.shape[0]].copy_(v)
+            else:
+                current[k].copy_(v)
             written.add(id(current[k]))
     kept: Dict[str, List[str]] = {}
     tied = []
@@ -239,6 +284,7 @@ def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Te
     report["imported"] = len(converted)
     report["tied_to_imported"] = tied
     report["kept_from_base"] = kept
+    report["resized_vocabulary"] = {k: {"checkpoint_rows": a, "base_rows": b} for k, (a, b) in resized.items()}
     report["dtypes"] = sorted({str(v.dtype).replace("torch.", "") for v in converted.values()})
     return report
 
@@ -249,6 +295,9 @@ def summary(report: Mapping[str, Any]) -> List[str]:
              f"{len(report['mapped'])} LAVIS key(s) (dtype {', '.join(report.get('dtypes', [])) or '-'})"]
     for key, why in report["dropped"].items():
         lines.append(f"dropped  {key}: {why}")
+    for key, rows in report.get("resized_vocabulary", {}).items():
+        lines.append(f"resized  {key}: the checkpoint's {rows['checkpoint_rows']} rows imported, the base's "
+                     f"{rows['base_rows'] - rows['checkpoint_rows']} added token(s) kept")
     for part, keys in sorted(report.get("kept_from_base", {}).items()):
         lines.append(f"kept from base: {part}: {len(keys)} tensor(s), e.g. {', '.join(keys[:3])}")
     for key in report["unmapped"]:
@@ -256,24 +305,72 @@ def summary(report: Mapping[str, Any]) -> List[str]:
     return lines
 
 
+def _lavis_prompt(lavis_config: Mapping[str, Any]) -> Optional[str]:
+    """The prompt as LAVIS applied it to training targets: a dataset's text processor prompt (blip_caption
+    prepends it, trailing space included: "a photo of " + "dog"), else the model's."""
+    for ds in (lavis_config.get("datasets") or {}).values():
+        train = (((ds or {}).get("text_processor") or {}).get("train") or {})
+        if isinstance(train.get("prompt"), str):
+            return train["prompt"]
+    model = lavis_config.get("model") if isinstance(lavis_config.get("model"), Mapping) else {}
+    return model.get("prompt") if isinstance(model.get("prompt"), str) else None
+
+
+def _dataset_sections(lavis_config: Mapping[str, Any], region: str, text: str) -> Dict[str, Any]:
+    """The LAVIS config's dataset sections this engine has (processors kept, the prompt moved to
+    model.prompt, build_info replaced by an empty root to fill in); else a Sherlock section."""
+    out: Dict[str, Any] = {}
+    for name, ds in (lavis_config.get("datasets") or {}).items():
+        if name not in DATASETS or not isinstance(ds, Mapping):
+            continue
+        section: Dict[str, Any] = {"root": ""}
+        if name == "sherlock":
+            section.update(region=region, text=text)
+        for kind in ("vis_processor", "text_processor"):
+            procs = {}
+            for slot in ("train", "eval"):
+                spec = dict((ds.get(kind) or {}).get(slot) or {})
+                spec.pop("prompt", None)
+                if spec.get("name"):
+                    procs[slot] = spec
+            if procs:
+                section[kind] = procs
+        out[name] = section
+    return out or {"sherlock": {"root": "", "region": region, "text": text}}
+
+
 def _recipe_for(arch: str, model_type: str, base: Optional[str], lavis_config: Mapping[str, Any],
-                region: str, text: str, prompt: Optional[str]) -> Dict[str, Any]:
-    """A recipe for the imported model: the LAVIS run's prompt / max_txt_len / eval image size where its
-    config has them, the Sherlock region and text modes as given."""
+                region: str, text: str, prompt: Optional[str], image_size: Optional[int]) -> Dict[str, Any]:
+    """A recipe for the imported model that keeps the LAVIS run: its prompt exactly as applied, its text
+    lengths, image size, dataset sections and generation settings where its config has them; the
+    Sherlock region and text modes as given."""
     model: Dict[str, Any] = {"arch": arch, "model_type": model_type, "pretrained": base}
     lavis_model = lavis_config.get("model") if isinstance(lavis_config.get("model"), Mapping) else {}
-    if prompt is not None:
-        model["prompt"] = prompt
-    elif isinstance(lavis_model.get("prompt"), str):
-        model["prompt"] = lavis_model["prompt"]
-    if isinstance(lavis_model.get("max_txt_len"), int):
-        model["max_txt_len"] = lavis_model["max_txt_len"]
+    kept = prompt if prompt is not None else _lavis_prompt(lavis_config)
+    if kept is not None:
+        model["prompt"] = kept
+    for key in ("max_txt_len", "max_output_txt_len", "freeze_vit"):
+        if isinstance(lavis_model.get(key), (int, bool)):
+            model[key] = lavis_model[key]
+    if image_size is not None:
+        model["image_size"] = image_size
+    lavis_run = lavis_config.get("run") if isinstance(lavis_config.get("run"), Mapping) else {}
+    run = {k: lavis_run[k] for k in ("num_beams", "max_len", "min_len") if isinstance(lavis_run.get(k), int)}
+    if arch in ("blip2_vicuna_instruct", "blip2_t5_instruct"):
+        run["repetition_penalty"] = 1.5  # LAVIS's InstructBLIP generate() default (its caption task keeps it)
+    return {"model": model, "datasets": _dataset_sections(lavis_config, region, text), "run": run}
+
+
+def _lavis_image_size(lavis_config: Mapping[str, Any]) -> Optional[int]:
+    """The ViT input size of the LAVIS run: model.image_size, else its datasets' eval processor size."""
+    lavis_model = lavis_config.get("model") if isinstance(lavis_config.get("model"), Mapping) else {}
+    if isinstance(lavis_model.get("image_size"), int):
+        return lavis_model["image_size"]
     for ds in (lavis_config.get("datasets") or {}).values():
         size = (((ds or {}).get("vis_processor") or {}).get("eval") or {}).get("image_size")
         if isinstance(size, int):
-            model["image_size"] = size
-            break
-    return {"model": model, "datasets": {"sherlock": {"root": "", "region": region, "text": text}}, "run": {}}
+            return size
+    return None
 
 
 def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, base: Optional[str] = None,
@@ -298,13 +395,21 @@ def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, ba
             f"{', '.join(report['unmapped'][:30])}{' ...' if len(report['unmapped']) > 30 else ''}. "
             f"Nothing was written. Pass --allow-unmapped to import the rest anyway (they stay listed).")
     model = build_vlm(arch, model_type=model_type, pretrained=base)
+    # A LAVIS run at another resolution than the base's ViT (e.g. 364 px from a 224 px base): the model
+    # takes its size (position embeddings interpolated once), then the checkpoint's own, if it has them.
+    size = _lavis_image_size(lavis_config)
+    image_size = size if size is not None and size != model.image_size else None
+    if image_size is not None:
+        resize_vision(model.hf, image_size)
+        model.image_size = image_size
     apply_state_dict(model.hf, converted, report)
     model.eval()
-    recipe = _recipe_for(arch, model_type, base, lavis_config, region, text, prompt)
+    recipe = _recipe_for(arch, model_type, base, lavis_config, region, text, prompt, image_size)
     info = {
         "source_lavis_checkpoint": path,
         "base": base or f"{arch}/{model_type} (seeded random weights)",
-        "import": {k: report[k] for k in ("imported", "dropped", "unmapped", "tied_to_imported", "dtypes")},
+        "import": {k: report[k] for k in ("imported", "dropped", "unmapped", "tied_to_imported", "dtypes",
+                                          "resized_vocabulary")},
         "kept_from_base": {part: len(keys) for part, keys in report["kept_from_base"].items()},
         "kept_from_base_keys": report["kept_from_base"],
         "mapping": report["mapped"],

@@ -7,15 +7,19 @@ from typing import List, Optional
 
 from torch import nn
 
+LN_VISION = "vision_model.post_layernorm."  # LAVIS's ln_vision
+
 
 def part_of(name: str) -> str:
     """Which part of a BLIP-2 model a parameter name (relative to the HF model) belongs to."""
     if "lora_" in name:
         return "lora"
-    if name.startswith("vision_model."):
+    if name.startswith("vision_model.") and not name.startswith(LN_VISION):
         return "vision"
-    if name.startswith(("qformer.", "query_tokens", "language_projection.")):
-        return "qformer"  # the projection is trained with the Q-Former, as in BLIP-2
+    if name.startswith(("qformer.", "query_tokens", "language_projection.", LN_VISION)):
+        # The projection trains with the Q-Former, as in BLIP-2; so does the ViT's output norm (LAVIS's
+        # ln_vision): LAVIS's freeze_vit freezes `visual_encoder` only.
+        return "qformer"
     return "llm"
 
 

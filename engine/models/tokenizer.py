@@ -7,8 +7,10 @@ with the special tokens laid out like the real tokenizer of that family:
 
 * opt:   <s>=0 <pad>=1 </s>=2 <unk>=3, bos = eos = </s> (as OPT's tokenizer)
 * t5:    <pad>=0 </s>=1 <unk>=2, no bos, </s> appended to inputs
-* llama: <unk>=0 <s>=1 </s>=2, <pad> added after the vocabulary (as Vicuna's)
-* qformer (BERT-like, lower-cased): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+* llama: <unk>=0 <s>=1 </s>=2, [PAD] added after the vocabulary, bos = eos = </s> (as InstructBLIP
+  Vicuna's tokenizer in LAVIS and in the official folders)
+* qformer (BERT-like, lower-cased): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, [DEC] added as bos
+  (as InstructBLIP's)
 
 The LLM tokenizers also carry the `<image>` placeholder as an added special
 token: transformers' BLIP-2 writes the Q-Former outputs over the positions of
@@ -98,13 +100,19 @@ def _tokenizer_json(kind: str) -> str:
         tok.add_special_tokens([IMAGE_TOKEN])
     elif kind == "llama":
         tok = _train_bpe(["<unk>", "<s>", "</s>"], 640, lowercase=False, prefix_space=True)
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-        tok.add_special_tokens(["<pad>", IMAGE_TOKEN])
+        # InstructBLIP Vicuna starts text with </s> (LAVIS sets bos_token to </s>, and so does the official
+        # tokenizer) and pads with an added [PAD].
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
+                                                           special_tokens=[("</s>", 2)])
+        tok.add_special_tokens(["[PAD]", IMAGE_TOKEN])
     elif kind == "qformer":
         tok = _train_bpe(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], 512, lowercase=True, prefix_space=True)
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
+        # InstructBLIP's Q-Former tokenizer adds [DEC] as its bos (LAVIS init_tokenizer; the official
+        # qformer_tokenizer has it too: 30522 + 1 ids).
+        tok.add_special_tokens(["[DEC]"])
     else:
         raise ValueError(f"no local tokenizer for '{kind}'; choose opt, t5, llama or qformer")
     return tok.to_str()
@@ -113,8 +121,9 @@ def _tokenizer_json(kind: str) -> str:
 _SPECIALS = {
     "opt": dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"),
     "t5": dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>"),
-    "llama": dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"),
-    "qformer": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"),
+    "llama": dict(bos_token="</s>", eos_token="</s>", pad_token="[PAD]", unk_token="<unk>"),
+    "qformer": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]",
+                    bos_token="[DEC]"),
 }
 
 

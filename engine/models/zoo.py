@@ -2,8 +2,10 @@
 
 `defaults` are model-section recipe keys the config layer fills in before the
 recipe's own values (zoo < recipe < --options). Keys that are builder
-arguments (see `BUILDER_KEYS`) go to the builder; the others (`prompt`,
-`image_size`) are read by the data and task code.
+arguments (see `BUILDER_KEYS`) go to the builder; the others (`prompt`) are
+read by the data and task code. The image size is not a default: it is the
+checkpoint's ViT's (`config`: the `caption_coco_*` models are 364 px, as
+LAVIS's and the official ones), see `checkpoint_image_size`.
 
 `config` holds the official hyperparameters as transformers config kwargs, so
 `pretrained: random` builds the real architecture without any download (for
@@ -12,6 +14,8 @@ config depends on the local tokenizer's size and is made by `tiny_config`.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
 
 # Recipe keys in `defaults` that are also builder keyword arguments.
 BUILDER_KEYS = ("max_txt_len",)
+TINY_IMAGE_SIZE = 64  # the tiny ViT's input size (patch 8 -> 64 patches)
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,13 @@ _QFORMER_INSTRUCT = dict(_QFORMER, vocab_size=30523)
 def opt_text_config(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
     return dict(model_type="opt", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
-                do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
+                do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=50118, tie_word_embeddings=True)
 
 
 def _flan_t5(d_model: int, d_ff: int, layers: int, heads: int) -> Dict[str, Any]:
     return dict(model_type="t5", d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
-                num_heads=heads, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                num_heads=heads, vocab_size=32128, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
+                tie_word_embeddings=False,
                 relative_attention_num_buckets=32, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
                 decoder_start_token_id=0)
 
@@ -59,54 +65,57 @@ def _vicuna(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _blip2(text: Dict[str, Any], instruct: bool = False) -> Dict[str, Any]:
-    return dict(vision_config=dict(_EVA_VIT_G), qformer_config=dict(_QFORMER_INSTRUCT if instruct else _QFORMER),
-                text_config=text, num_query_tokens=32)
+def _blip2(text: Dict[str, Any], instruct: bool = False, image_size: int = 224) -> Dict[str, Any]:
+    return dict(vision_config=dict(_EVA_VIT_G, image_size=image_size),
+                qformer_config=dict(_QFORMER_INSTRUCT if instruct else _QFORMER), text_config=text, num_query_tokens=32)
 
 
 # Tiny models see 64x64 images (patch 8 -> 64 patches), see `tiny_config`.
-_TINY = {"max_txt_len": 32, "prompt": "", "image_size": 64}
+_TINY = {"max_txt_len": 32, "prompt": ""}
 
 ZOO_OPT = {
-    "pretrain_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b", {"max_txt_len": 32, "prompt": "", "image_size": 224},
+    "pretrain_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b", {"max_txt_len": 32, "prompt": ""},
                                  _blip2(opt_text_config(2560, 32, 32, 10240))),
-    "pretrain_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b", {"max_txt_len": 32, "prompt": "", "image_size": 224},
+    "pretrain_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b", {"max_txt_len": 32, "prompt": ""},
                                  _blip2(opt_text_config(4096, 32, 32, 16384))),
     "caption_coco_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b-coco",
-                                     {"max_txt_len": 32, "prompt": "a photo of ", "image_size": 224},
-                                     _blip2(opt_text_config(2560, 32, 32, 10240))),
+                                     {"max_txt_len": 32, "prompt": "a photo of "},
+                                     _blip2(opt_text_config(2560, 32, 32, 10240), image_size=364)),
     "caption_coco_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b-coco",
-                                     {"max_txt_len": 32, "prompt": "a photo of ", "image_size": 224},
-                                     _blip2(opt_text_config(4096, 32, 32, 16384))),
+                                     {"max_txt_len": 32, "prompt": "a photo of "},
+                                     _blip2(opt_text_config(4096, 32, 32, 16384), image_size=364)),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
 
 ZOO_T5 = {
-    "pretrain_flant5xl": ZooEntry("Salesforce/blip2-flan-t5-xl", {"max_txt_len": 32, "prompt": "", "image_size": 224},
+    "pretrain_flant5xl": ZooEntry("Salesforce/blip2-flan-t5-xl", {"max_txt_len": 32, "prompt": ""},
                                   _blip2(_flan_t5(2048, 5120, 24, 32))),
-    "pretrain_flant5xxl": ZooEntry("Salesforce/blip2-flan-t5-xxl", {"max_txt_len": 32, "prompt": "", "image_size": 224},
+    "pretrain_flant5xxl": ZooEntry("Salesforce/blip2-flan-t5-xxl", {"max_txt_len": 32, "prompt": ""},
                                    _blip2(_flan_t5(4096, 10240, 24, 64))),
     "caption_coco_flant5xl": ZooEntry("Salesforce/blip2-flan-t5-xl-coco",
-                                      {"max_txt_len": 32, "prompt": "a photo of ", "image_size": 224},
-                                      _blip2(_flan_t5(2048, 5120, 24, 32))),
+                                      {"max_txt_len": 32, "prompt": "a photo of "},
+                                      _blip2(_flan_t5(2048, 5120, 24, 32), image_size=364)),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
 
 ZOO_VICUNA_INSTRUCT = {
-    "vicuna7b": ZooEntry("Salesforce/instructblip-vicuna-7b", {"max_txt_len": 128, "prompt": "", "image_size": 224},
+    "vicuna7b": ZooEntry("Salesforce/instructblip-vicuna-7b", {"max_txt_len": 128, "prompt": ""},
                          _blip2(_vicuna(4096, 32, 32, 11008), instruct=True)),
-    "vicuna13b": ZooEntry("Salesforce/instructblip-vicuna-13b", {"max_txt_len": 128, "prompt": "", "image_size": 224},
+    "vicuna13b": ZooEntry("Salesforce/instructblip-vicuna-13b", {"max_txt_len": 128, "prompt": ""},
                           _blip2(_vicuna(5120, 40, 40, 13824), instruct=True)),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
 
 ZOO_T5_INSTRUCT = {
-    "flant5xl": ZooEntry("Salesforce/instructblip-flan-t5-xl", {"max_txt_len": 128, "prompt": "", "image_size": 224},
+    "flant5xl": ZooEntry("Salesforce/instructblip-flan-t5-xl", {"max_txt_len": 128, "prompt": ""},
                          _blip2(_flan_t5(2048, 5120, 24, 32), instruct=True)),
-    "flant5xxl": ZooEntry("Salesforce/instructblip-flan-t5-xxl", {"max_txt_len": 128, "prompt": "", "image_size": 224},
+    "flant5xxl": ZooEntry("Salesforce/instructblip-flan-t5-xxl", {"max_txt_len": 128, "prompt": ""},
                           _blip2(_flan_t5(4096, 10240, 24, 64), instruct=True)),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
+
+
+_BYTE_NEWLINE = "\u010a"  # "\n" in byte-level BPE ("Ċ"; id 50118 in OPT's vocabulary)
 
 
 def _tiny_text(family: str, tokenizer: PreTrainedTokenizerBase) -> Dict[str, Any]:
@@ -114,6 +123,8 @@ def _tiny_text(family: str, tokenizer: PreTrainedTokenizerBase) -> Dict[str, Any
     # so the tests of exact resume see the random numbers real runs draw.
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if family == "opt":
+        # BLIP-2 OPT ends text with "\n" (LAVIS; eos_token_id 50118 in the official folders), not </s>.
+        common["eos_token_id"] = tokenizer.convert_tokens_to_ids(_BYTE_NEWLINE)
         return dict(common, model_type="opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                     word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                     dropout=0.1, attention_dropout=0.0, init_std=0.02)
@@ -121,13 +132,14 @@ def _tiny_text(family: str, tokenizer: PreTrainedTokenizerBase) -> Dict[str, Any
         # initializer_factor 0.25: T5 draws the untied lm_head from N(0, factor), which at
         # 1.0 starts the tiny model at a loss of ~30 with grad norms in the hundreds.
         return dict(common, model_type="t5", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                    num_heads=4, initializer_factor=0.25, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                    num_heads=4, initializer_factor=0.25, feed_forward_proj="gated-gelu", dense_act_fn="gelu",
+                    relative_attention_num_buckets=8,
                     tie_word_embeddings=False, dropout_rate=0.1, decoder_start_token_id=tokenizer.pad_token_id)
     if family == "llama":
         return dict(common, model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
-                    bos_token_id=tokenizer.bos_token_id, initializer_range=0.02, tie_word_embeddings=False,
-                    attention_dropout=0.0)
+                    bos_token_id=1, initializer_range=0.02, tie_word_embeddings=False,
+                    attention_dropout=0.0)  # bos <s>, as Vicuna's config
     raise ValueError(f"unknown LLM family '{family}'")
 
 
@@ -139,7 +151,7 @@ def tiny_config(family: str, instruct: bool, tokenizer: PreTrainedTokenizerBase,
     initializer_range is 0.02 everywhere, for the reason given at `_EVA_VIT_G`.
     """
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=64, patch_size=8, initializer_range=0.02, attention_dropout=0.0)
+                  image_size=TINY_IMAGE_SIZE, patch_size=8, initializer_range=0.02, attention_dropout=0.0)
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    cross_attention_frequency=1, max_position_embeddings=128, initializer_range=0.02,
                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
@@ -167,3 +179,21 @@ ARCHS = {
     "blip2_vicuna_instruct": ArchSpec("llama", True, ZOO_VICUNA_INSTRUCT),
     "blip2_t5_instruct": ArchSpec("t5", True, ZOO_T5_INSTRUCT),
 }
+
+
+def checkpoint_image_size(arch: str, model_type: str, pretrained: Optional[str] = None) -> Optional[int]:
+    """The image size of the ViT of the folder `pretrained` (its config.json), else of the official
+    checkpoint of `arch`/`model_type` (the zoo; a folder not copied here yet is taken to hold it).
+    None for an unknown model_type."""
+    spec = ARCHS[arch]
+    entry = spec.zoo.get(model_type)
+    cfg_file = os.path.join(pretrained, "config.json") if pretrained and pretrained != "random" else ""
+    if cfg_file and os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            size = ((json.load(f).get("vision_config") or {}).get("image_size"))
+        return int(size[0] if isinstance(size, (list, tuple)) else size) if size else 224  # transformers' default
+    if entry is None:
+        return None
+    if entry.config is None:
+        return TINY_IMAGE_SIZE
+    return int(entry.config["vision_config"]["image_size"])

@@ -53,6 +53,7 @@ def evaluate_captioning(
     length_penalty: float = 1.0,
     synced_gpus: bool = False,
     spice: bool = False,
+    length_counting: str = "lavis",
 ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, float]]]:
     """Generate a caption for every sample of ``loader`` and score them.
 
@@ -71,7 +72,7 @@ def evaluate_captioning(
     dtype = C.resolve_dtype(model, dtype)
     gen_kwargs = dict(num_beams=num_beams, max_len=max_len, min_len=min_len,
                       repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                      synced_gpus=synced_gpus)
+                      synced_gpus=synced_gpus, length_counting=length_counting)
     local: List[Tuple[Dict[str, Any], List[str]]] = []
     with C.eval_mode(model):
         target = _lockstep_batches(loader, synced_gpus)
@@ -145,9 +146,10 @@ class CaptioningTask:
 
     def __init__(self, *, num_beams: int = 5, max_len: int = 30, min_len: int = 1,
                  repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-                 spice: bool = False, best_metric: str = "CIDEr+Bleu_4"):
+                 spice: bool = False, best_metric: str = "CIDEr+Bleu_4", length_counting: str = "lavis"):
         self.gen = dict(num_beams=num_beams, max_len=max_len, min_len=min_len,
-                        repetition_penalty=repetition_penalty, length_penalty=length_penalty)
+                        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                        length_counting=length_counting)
         self.spice = spice
         self.metric_keys = CAPTION_METRIC_KEYS + (("SPICE",) if spice else ())
         check_metric_name(best_metric, self.metric_keys)

@@ -34,18 +34,17 @@ from engine.trainer.seeding import SeededDataset, SeededSampler, micro_batch_see
 
 logger = logging.getLogger("engine")
 
-_NO_DECAY = ("bias", "norm", "ln_", "layernorm", "query_tokens", "embed_positions", "position_embedding")
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Trainable parameters only; no weight decay on biases, norms and 1-d parameters."""
+    """Trainable parameters only, grouped as LAVIS does (BaseModel.get_optimizer_params): weight decay on
+    every parameter of 2+ dimensions (query_tokens, embeddings and LoRA matrices included) except biases;
+    none on biases, norms and other 1-d parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # ZeRO-3 partitions parameters to 1-d shards; ds_shape keeps the real shape.
         ndim = len(getattr(p, "ds_shape", p.shape))
-        if ndim < 2 or any(k in name.lower() for k in _NO_DECAY):
+        if ndim < 2 or name.endswith("bias"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -59,9 +58,10 @@ def lr_scheduler_factory(recipe: Recipe, total_steps: int, steps_per_epoch: int)
     r = recipe.run
 
     def fn(step: int) -> float:
-        return lr_at(step, sched=r.lr_sched, init_lr=r.init_lr, min_lr=r.min_lr, warmup_lr=r.warmup_lr,
+        warmup_lr = r.warmup_lr if r.warmup_lr is not None else r.init_lr  # LAVIS: unset = init_lr
+        return lr_at(step, sched=r.lr_sched, init_lr=r.init_lr, min_lr=r.min_lr, warmup_lr=warmup_lr,
                      warmup_steps=r.warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     decay_rate=r.lr_decay_rate)
+                     decay_rate=r.lr_decay_rate, max_epoch=r.max_epoch, accum=r.accum_grad_iters)
 
     return lambda optimizer: StepLR(optimizer, fn)
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, stepped once per optimizer step.
+"""Learning-rate schedules, evaluated once per optimizer step.
 
 DeepSpeed calls ``step()`` at every gradient-accumulation boundary and stores
 ``state_dict()`` in its checkpoints, so the schedule resumes with the run.
@@ -12,19 +12,34 @@ from typing import Callable, Dict, List
 
 
 def lr_at(step: int, *, sched: str, init_lr: float, min_lr: float, warmup_lr: float, warmup_steps: int,
-          total_steps: int, steps_per_epoch: int, decay_rate: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return warmup_lr + (init_lr - warmup_lr) * step / warmup_steps
+          total_steps: int, steps_per_epoch: int, decay_rate: float, max_epoch: int = 1, accum: int = 1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    LAVIS's schedules (``linear_warmup_cosine_lr``, ``linear_warmup_step_lr``, ``constant_lr``) as LAVIS
+    (lavis/common/optims.py) sets them: in the first epoch a linear warmup from ``warmup_lr`` over
+    ``warmup_steps`` data iterations, capped at ``init_lr`` (LAVIS sets the rate before every iteration,
+    so an optimizer step uses the rate of its last micro-batch); from the second epoch on one rate per
+    epoch: ``min_lr + (init_lr - min_lr) * (1 + cos(pi * epoch / max_epoch)) / 2``, ``max(min_lr, init_lr *
+    decay_rate ** epoch)`` or ``init_lr``. ``linear_warmup_cosine_lr_per_step``: a warmup over
+    ``warmup_steps`` optimizer steps, then a cosine from ``init_lr`` to ``min_lr`` at the last step.
+    """
+    if sched == "linear_warmup_cosine_lr_per_step":
+        if warmup_steps > 0 and step < warmup_steps:
+            return warmup_lr + (init_lr - warmup_lr) * step / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr + 0.5 * (init_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    epoch, local = divmod(step, max(1, steps_per_epoch))
+    if epoch == 0:
+        iteration = local * accum + accum - 1
+        return min(init_lr, warmup_lr + (init_lr - warmup_lr) * iteration / max(warmup_steps, 1))
     if sched == "constant_lr":
         return init_lr
     if sched == "linear_warmup_step_lr":
-        epoch = step // max(1, steps_per_epoch)
         return max(min_lr, init_lr * decay_rate ** epoch)
-    # linear_warmup_cosine_lr: cosine from init_lr (end of warmup) to min_lr (last step).
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + 0.5 * (init_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if sched == "linear_warmup_cosine_lr":
+        return min_lr + 0.5 * (init_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / max(1, max_epoch)))
+    raise ValueError(f"unknown lr_sched {sched!r}")
 
 
 class StepLR:
