@@ -13,22 +13,20 @@ recipe is known to be good.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import logging
 import os
 import re
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
 from engine.deepspeed_config import check_ds_config
-from engine.problems import ConfigError, Problem, project_path  # noqa: F401  (importable from here too)
+from engine.problems import ConfigError, Problem, fmt, project_path, suggest  # noqa: F401  (importable from here)
+from engine.typed import build_dataclass, coerce, field_docs  # noqa: F401  (field_docs: importable from here)
 from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
 
-logger = logging.getLogger(__name__)
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
@@ -243,140 +241,6 @@ DATASET_SUPERSEDED = {
 }
 
 
-# --------------------------------------------------------------------------- errors
-# Problem and ConfigError live in engine/problems.py (the DeepSpeed config check reports them too);
-# they are imported above and stay importable from here.
-
-
-def _suggest(key: str, valid) -> str:
-    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{near[0]}'?" if near else ""
-
-
-def _fmt(v: Any) -> str:
-    return repr(v) if not isinstance(v, str) else f"'{v}'"
-
-
-# --------------------------------------------------------------------------- typed coercion
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{' | '.join(_type_name(a) for a in args)} or null"
-    if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, Dict):
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp, key: str, problems: List[Problem]) -> Any:
-    """Return value converted to type ``tp`` or record a problem (and return it unchanged)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return coerce(value, inner[0], key, problems)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        hint = _suggest(str(value), [str(c) for c in choices])
-        problems.append(Problem(key, f"{_fmt(value)} is not allowed; choose one of {', '.join(map(str, choices))}{hint}"))
-        return value
-    if origin in (list, List):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # `train_splits: train` means ["train"]
-        if not isinstance(value, (list, tuple)):
-            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
-            return value
-        (item,) = typing.get_args(tp)
-        return [coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            problems.append(Problem(key, f"{_fmt(value)} should be a mapping"))
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
-            return value
-        return build_dataclass(tp, value, key, problems)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(Problem(key, f"{_fmt(value)} should be true or false"))
-        return value
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(Problem(key, f"{_fmt(value)} should be an integer"))
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-5` (no dot) as a string; LAVIS recipes are full of these.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(Problem(key, f"{_fmt(value)} should be a number"))
-        return value
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        problems.append(Problem(key, f"{_fmt(value)} should be a string"))
-        return value
-    return value
-
-
-def _nullable(tp) -> bool:
-    """True for ``Optional[...]`` (and Any): null is a value of the key, not "unset"."""
-    return tp is Any or (typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp))
-
-
-def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Problem],
-                    ignored: Optional[Dict[str, str]] = None):
-    """Instantiate ``cls`` from a mapping, recording unknown keys, missing required keys and type errors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            if ignored and key in ignored:
-                logger.warning("%s is ignored: %s.", path, ignored[key])
-                continue
-            problems.append(Problem(path, f"unknown key{_suggest(key, fields)} "
-                                          f"(valid keys: {', '.join(fields)})"))
-            continue
-        if value is None and not _nullable(hints[key]):
-            continue  # null unsets a key: its default applies (a required key is then reported missing)
-        kwargs[key] = coerce(value, hints[key], path, problems)
-    for name, f in fields.items():
-        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in kwargs and no_default:
-            problems.append(Problem(f"{prefix}.{name}" if prefix else name,
-                                    f"is required ({f.metadata.get('help', _type_name(hints[name]))})"))
-            kwargs[name] = None
-    return cls(**kwargs)
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -431,7 +295,7 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
             if node.get(p) is None:
                 node[p] = {}
             if not isinstance(node[p], dict):
-                problems.append(Problem(path, f"cannot set a key under {p}, which is {_fmt(node[p])}"))
+                problems.append(Problem(path, f"cannot set a key under {p}, which is {fmt(node[p])}"))
                 break
             node = node[p]
         else:
@@ -440,7 +304,7 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
 
 def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[ProcessorSpec]:
     if not isinstance(spec, dict) or "name" not in spec:
-        problems.append(Problem(key, f"{_fmt(spec)} should be a mapping with a `name` (a registered processor)"))
+        problems.append(Problem(key, f"{fmt(spec)} should be a mapping with a `name` (a registered processor)"))
         return None
     name = spec["name"]
     kwargs = {k: v for k, v in spec.items() if k != "name"}
@@ -455,7 +319,7 @@ def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[P
         params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     for k, v in list(kwargs.items()):
         if k not in params:
-            problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{_suggest(k, params)} "
+            problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{suggest(k, params)} "
                                                    f"(valid: {', '.join(params)})"))
             continue
         ann = params[k].annotation
@@ -472,7 +336,7 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(Problem(key, f"{_fmt(raw)} should be a mapping of the dataset's keys"))
+        problems.append(Problem(key, f"{fmt(raw)} should be a mapping of the dataset's keys"))
         return None
     raw = dict(raw)
     procs: Dict[str, Dict[str, ProcessorSpec]] = {"vis_processor": {}, "text_processor": {}}
@@ -484,7 +348,7 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
         for split, spec in section.items():
             if split not in ("train", "eval"):
                 problems.append(Problem(f"{key}.{kind}.{split}",
-                                        f"unknown processor slot{_suggest(split, ['train', 'eval'])} (use train, eval)"))
+                                        f"unknown processor slot{suggest(split, ['train', 'eval'])} (use train, eval)"))
                 continue
             p = _split_processor(spec, f"{key}.{kind}.{split}", problems)
             if p is not None:
@@ -503,14 +367,14 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
 
     for key in data:
         if key not in ("model", "datasets", "run"):
-            problems.append(Problem(key, f"unknown section{_suggest(key, ['model', 'datasets', 'run'])} "
+            problems.append(Problem(key, f"unknown section{suggest(key, ['model', 'datasets', 'run'])} "
                                          f"(a recipe has model, datasets and run)"))
     raw_model = data.get("model") or {}
     raw_run = data.get("run") or {}
     raw_datasets = data.get("datasets") or {}
     for sec, val in (("model", raw_model), ("run", raw_run), ("datasets", raw_datasets)):
         if not isinstance(val, dict):
-            problems.append(Problem(sec, f"{_fmt(val)} should be a mapping"))
+            problems.append(Problem(sec, f"{fmt(val)} should be a mapping"))
     if problems:
         raise ConfigError(problems, source)
 
@@ -524,8 +388,8 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
             zoo_family = MODELS.get(arch)
             zoo = zoo_family.zoo
             if model_type is not None and model_type not in zoo:
-                problems.append(Problem("model.model_type", f"{_fmt(model_type)} is not a zoo entry of {arch}"
-                                        f"{_suggest(str(model_type), zoo)} (choose one of {', '.join(zoo)})"))
+                problems.append(Problem("model.model_type", f"{fmt(model_type)} is not a zoo entry of {arch}"
+                                        f"{suggest(str(model_type), zoo)} (choose one of {', '.join(zoo)})"))
             elif model_type is not None:
                 for k, v in zoo[model_type].defaults.items():
                     raw_model.setdefault(k, v)
@@ -640,30 +504,15 @@ def _check_ratios(recipe: Recipe) -> List[Problem]:
     for name, value in ratios.items():
         key = f"run.train_dataset_ratios.{name}"
         if name not in recipe.datasets:
-            out.append(Problem(key, f"not a dataset of this recipe{_suggest(str(name), recipe.datasets)} "
+            out.append(Problem(key, f"not a dataset of this recipe{suggest(str(name), recipe.datasets)} "
                                     f"(datasets: {', '.join(recipe.datasets) or 'none'})"))
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            out.append(Problem(key, f"{_fmt(value)} should be a positive number (a share of the epoch)"))
+            out.append(Problem(key, f"{fmt(value)} should be a positive number (a share of the epoch)"))
     missing = [n for n in recipe.datasets if n not in ratios]
     if missing:
         out.append(Problem("run.train_dataset_ratios", f"no ratio for {', '.join(missing)}; give every dataset of "
                                                        f"the recipe a ratio, or remove train_dataset_ratios"))
     return out
-
-
-def field_docs(cls) -> List[Tuple[str, str, Any, str]]:
-    """(name, type, default, help) of each field of a schema dataclass, for --help and docs."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
-    return rows
 
 
 def save_resolved(recipe: Recipe, path: str) -> None:

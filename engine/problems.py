@@ -5,9 +5,10 @@ DeepSpeed config check) both report through it, so neither imports the other's c
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
 
 @dataclass
@@ -34,3 +35,14 @@ def project_path(path: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidate = os.path.join(root, path)
     return candidate if os.path.exists(candidate) else path
+
+
+def suggest(key: str, valid) -> str:
+    """"; did you mean 'x'?" for the closest of `valid`, or nothing."""
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def fmt(v: Any) -> str:
+    """A value as a message shows it (strings quoted)."""
+    return repr(v) if not isinstance(v, str) else f"'{v}'"

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Higher numbers sit higher; a module may import its own layer or a lower one (never in a cycle).
 LAYERS: List[Tuple[str, int]] = [
-    ("engine.registry", 0), ("engine.problems", 0), ("engine.faults", 0), ("engine.config", 0),
+    ("engine.registry", 0), ("engine.problems", 0), ("engine.typed", 0), ("engine.faults", 0), ("engine.config", 0),
     ("engine.deepspeed_config", 0),
     ("engine.checkpoints", 1), ("engine.models", 1), ("engine.data", 1), ("engine.tasks", 1),
     ("engine.build", 2),

@@ -7,7 +7,7 @@ the catalog) does not import transformers.
 import importlib
 
 _EXPORTS = {
-    "IGNORE_INDEX": "blip2", "LENGTH_COUNTING": "blip2", "VisionLanguageModel": "blip2", "WeightsNotFoundError": "blip2",
+    "IGNORE_INDEX": "wrapper", "LENGTH_COUNTING": "wrapper", "VisionLanguageModel": "wrapper", "WeightsNotFoundError": "blip2",
     "build_blip2_opt": "blip2", "build_blip2_t5": "blip2", "build_blip2_t5_instruct": "blip2",
     "build_blip2_vicuna_instruct": "blip2", "build_vlm": "blip2",
     "DEFAULT_TARGETS": "lora", "merge_lora": "lora",
