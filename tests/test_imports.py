@@ -28,7 +28,7 @@ LAYERS: List[Tuple[str, int]] = [
     ("engine.deepspeed_config", 0),
     ("engine.checkpoints", 1), ("engine.models", 1), ("engine.data", 1), ("engine.tasks", 1),
     ("engine.build", 2),
-    ("engine.trainer", 3), ("engine.memory", 3),
+    ("engine.trainer", 3), ("engine.memory", 3), ("engine.model_facts", 3),
     ("engine.train", 4), ("engine.inference", 4), ("engine.export", 4), ("engine.__main__", 4), ("engine.startup", 4),
     ("tools", 5), ("bench", 5),
 ]
