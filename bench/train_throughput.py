@@ -203,7 +203,7 @@ def _initialize(recipe, model, steps_per_epoch: int):
     import deepspeed
 
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list
-    from engine.trainer.loop import lr_scheduler_factory, param_groups
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
 
     r = recipe.run
     normalize_cuda_arch_list()

@@ -106,8 +106,8 @@ def run(args) -> int:
     from engine.trainer.logs import logger, setup_logging
     from engine.trainer.reshape import needs_universal, prepare_universal
     from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir, init_distributed
-    from engine.trainer.loop import (Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups,
-                                     total_optimizer_steps)
+    from engine.trainer.loop import Trainer, micro_batches_per_epoch, total_optimizer_steps
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
 
     try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())

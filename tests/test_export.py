@@ -221,7 +221,7 @@ from engine.build import build_model
 from engine.config import load_recipe
 from engine.deepspeed_config import fill_ds_config
 from engine.checkpoints.lora import save_lora_adapter
-from engine.trainer.loop import param_groups
+from engine.trainer.optim import param_groups
 from engine.trainer.topology import init_distributed
 init_distributed()
 for stage in (2, 3):
