@@ -125,7 +125,7 @@ def measure_check(folder: str) -> dict:
     """Runs in a fresh process: what tools/check_dataset.py does for the training split (every record, every
     image header); wall time and peak RSS."""
     from engine.config import parse_recipe
-    from engine.data.check import check_recipe_datasets
+    from engine.build import check_recipe_datasets
 
     recipe = parse_recipe({"model": {"arch": "blip2_opt", "model_type": "tiny"},
                            "datasets": {"sherlock": {"root": folder}},

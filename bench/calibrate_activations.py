@@ -53,10 +53,10 @@ def build(arch: str, model_type: str, llm_layers: int, vit_layers: int, device: 
     config = (InstructBlipConfig if spec.instruct else Blip2Config)(
         **cfg, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     cls = InstructBlipForConditionalGeneration if spec.instruct else Blip2ForConditionalGeneration
-    hf = blip2._random_model(cls, config, torch.float32, 0)
+    hf = blip2.random_model(cls, config, torch.float32, 0)
     parts = apply_lora({"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model},
                        spec.family, lora) if lora else []
-    blip2._set_trainable(hf, freeze_vit, False, freeze_llm, parts)
+    blip2.set_trainable(hf, freeze_vit, False, freeze_llm, parts)
     hf = hf.to(device=device, dtype=torch.bfloat16)
     qtok = local_tokenizer("qformer") if spec.instruct else None
     return blip2.VisionLanguageModel(hf, tokenizer, family=spec.family, instruct=spec.instruct,

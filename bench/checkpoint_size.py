@@ -63,7 +63,7 @@ def measure(name: str, stage: int, repeats: int, work: str):
     from engine.config import load_recipe
     from engine.deepspeed_config import fill_ds_config
     from engine.trainer import checkpoint
-    from engine.trainer.loop import param_groups
+    from engine.trainer.optim import param_groups
 
     path, options, depths = MODELS[name]
     original = _deep_tiny(depths) if depths else None

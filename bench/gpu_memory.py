@@ -95,7 +95,7 @@ def worker(args) -> dict:
     from engine.build import build_model
     from engine.config import load_recipe
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list, zero_stage
-    from engine.trainer.loop import lr_scheduler_factory, param_groups
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
 
     recipe = load_recipe(args.worker, ["model.pretrained=random", *args.options], check_files=False)
     m, r = recipe.model, recipe.run

@@ -70,7 +70,7 @@ def _small_zoo() -> Dict[str, Any]:
     Frozen ViT and OPT, trained Q-Former, as the real recipes; OPT's real vocabulary (50272), so the
     LM head costs what it costs at full size relative to the layers.
     """
-    from engine.models.zoo import _opt
+    from engine.models.zoo import opt_text_config
 
     return {
         "name": "bench_small",
@@ -81,7 +81,7 @@ def _small_zoo() -> Dict[str, Any]:
                                initializer_range=0.02),
             qformer_config=dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536,
                                 cross_attention_frequency=2, encoder_hidden_size=384),
-            text_config=_opt(512, 6, 8, 2048),
+            text_config=opt_text_config(512, 6, 8, 2048),
             num_query_tokens=32,
         ),
     }
@@ -203,7 +203,7 @@ def _initialize(recipe, model, steps_per_epoch: int):
     import deepspeed
 
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list
-    from engine.trainer.loop import lr_scheduler_factory, param_groups
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
 
     r = recipe.run
     normalize_cuda_arch_list()

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import sys
 
+from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["list"]:
         print("usage: python -m engine list", file=sys.stderr)
         return 2
-    from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
-
     print("models (arch: model_types)")
     for e in MODELS:
         print(f"  {e.name}: {', '.join(e.zoo)}")

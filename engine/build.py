@@ -6,14 +6,20 @@ this module is the only bridge between them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-from typing import Dict, Optional
+import sys
+from typing import Dict, List, Optional
 
 import torch
 
+from engine.checkpoints.lora import apply_adapter
 from engine.config import Recipe
+from engine.data.check import Report, SplitSummary
+from engine.data.errors import WARNING_KINDS, BadRecord, DatasetError
 from engine.data.mixing import MixedDataset
-from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
+from engine.models.zoo import checkpoint_image_size
+from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS, load
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +60,6 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
         device=device,
     )
     if m.adapter:
-        from engine.export import apply_adapter
-
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(f"model.adapter={m.adapter}: an adapter cannot be merged into a ZeRO-3-partitioned "
                              f"model; use a ZeRO-2 config, or merge it first with tools/merge_lora.py")
@@ -65,8 +69,6 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
 
 def model_image_size(recipe: Recipe) -> int:
     """The size images are given to the ViT: model.image_size, else the checkpoint's."""
-    from engine.models import checkpoint_image_size
-
     m = recipe.model
     if m.image_size is not None:
         return int(m.image_size)
@@ -74,7 +76,9 @@ def model_image_size(recipe: Recipe) -> int:
     return checkpoint_image_size(m.arch, m.model_type, folder) or 224
 
 
-def _processor(spec, default_name: str, image_size: Optional[int], uint8: bool = False):
+def build_data_processor(spec, default_name: Optional[str], image_size: Optional[int], uint8: bool = False):
+    """The processor a recipe's ``vis_processor``/``text_processor`` slot names (``default_name`` when the slot
+    is empty; None when both are), following the model's image size unless the slot sets one."""
     if spec is None:
         if default_name is None:
             return None
@@ -82,8 +86,6 @@ def _processor(spec, default_name: str, image_size: Optional[int], uint8: bool =
     else:
         name, kwargs = spec.name, dict(spec.kwargs)
     builder = PROCESSORS.get(name)
-    import inspect
-
     params = inspect.signature(builder.obj).parameters
     if image_size is not None and "image_size" not in kwargs and "image_size" in params:
         kwargs["image_size"] = image_size  # follow the model's resolution unless the recipe says otherwise
@@ -98,9 +100,9 @@ def build_dataset(recipe: Recipe, name: str, split: str, is_train: bool, **overr
     """One dataset split; ``overrides`` replace options of the dataset's schema (tools/check_dataset.py)."""
     spec = recipe.datasets[name]
     slot = "train" if is_train else "eval"
-    vis = _processor(spec.vis_processor.get(slot), "blip2_image_train" if is_train else "blip_image_eval",
-                     model_image_size(recipe), uint8=is_train)
-    text = _processor(spec.text_processor.get(slot), None, None)
+    vis = build_data_processor(spec.vis_processor.get(slot), "blip2_image_train" if is_train else "blip_image_eval",
+                               model_image_size(recipe), uint8=is_train)
+    text = build_data_processor(spec.text_processor.get(slot), None, None)
     kwargs = dataclasses.asdict(spec.options)
     if "max_bad_samples" in kwargs and not kwargs["max_bad_samples"]:
         kwargs["max_bad_samples"] = recipe.run.max_bad_samples  # the run-wide default; a dataset may set its own
@@ -127,6 +129,8 @@ def prepare_datasets(recipe: Recipe) -> None:
     """
     for name, spec in recipe.datasets.items():
         prepare = DATASETS.get(name).meta.get("prepare")
+        if isinstance(prepare, str):  # declared as "module:function" (engine/data/catalog.py)
+            prepare = load(prepare)
         if prepare is not None:
             prepare(**dataclasses.asdict(spec.options))
 
@@ -153,3 +157,57 @@ def build_task(recipe: Recipe):
     elif r.task == "sherlock_retrieval":
         kwargs.update(group_size=r.retrieval_group_size, batch_size=r.batch_size_eval)
     return TASKS.get(r.task)(**kwargs)
+
+
+# --------------------------------------------------------------------------- dataset check (tools/check_dataset.py)
+
+
+def _splits(recipe) -> List[str]:
+    r = recipe.run
+    return list(dict.fromkeys(list(r.train_splits) + list(r.valid_splits) + list(r.test_splits)))
+
+
+def check_recipe_datasets(recipe, full_decode: bool = False, log=None) -> Report:
+    """Scan every split (run.train/valid/test_splits) of every dataset of ``recipe``.
+
+    ``log(str)``, when given, hears progress (one line per split).
+    """
+    report = Report(full_decode=full_decode)
+    train = set(recipe.run.train_splits)
+    for name in recipe.datasets:
+        seen: Dict[str, str] = {}
+        for split in _splits(recipe):
+            if log:
+                log(f"checking {name}/{split} ...")
+            data_log = logging.getLogger("engine.data")
+            level = data_log.level
+            data_log.setLevel(logging.ERROR)  # the skip warnings would repeat what the report says
+            try:
+                # Every bad record lands in ds.bad_records (and in the report) instead of failing the build.
+                ds = build_dataset(recipe, name, split, is_train=split in train, max_bad_samples=sys.maxsize,
+                                   check_images=True)
+            except (DatasetError, ValueError, OSError) as e:
+                file = getattr(e, "filename", None) or f"datasets.{name} ({split})"
+                report.splits.append(SplitSummary(name, split, file, note="could not be read"))
+                report.bad.append(BadRecord(file, "file", "", "", [("missing_file", str(e))]))
+                continue
+            finally:
+                data_log.setLevel(level)
+            file = getattr(ds, "ann_file", "?")
+            if file in seen:
+                report.splits.append(SplitSummary(name, split, file, note=f"same file as {seen[file]}"))
+                continue
+            seen[file] = split
+            images = len({r[2] for r in ds.image_refs()}) if hasattr(ds, "image_refs") else 0
+            summary = SplitSummary(name, split, file, records=len(ds) + len(getattr(ds, "bad_records", [])),
+                                   images=images)
+            report.splits.append(summary)
+            report.bad += list(getattr(ds, "bad_records", []))
+            if hasattr(ds, "duplicate_ids"):
+                report.bad += ds.duplicate_ids()
+            if hasattr(ds, "verify_images"):
+                strict = getattr(ds, "strict_boxes", False)
+                for b in ds.verify_images(decode=full_decode):
+                    warning = not strict and all(k in WARNING_KINDS for k in b.kinds)
+                    (report.warnings if warning else report.bad).append(b)
+    return report

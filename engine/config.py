@@ -13,18 +13,20 @@ recipe is known to be good.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import logging
 import os
 import re
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
-logger = logging.getLogger(__name__)
+from engine.deepspeed_config import check_ds_config
+from engine.problems import ConfigError, Problem, fmt, project_path, suggest  # noqa: F401  (importable from here)
+from engine.typed import build_dataclass, coerce, field_docs  # noqa: F401  (field_docs: importable from here)
+from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS
+
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
@@ -208,6 +210,9 @@ class Recipe:
     datasets: Dict[str, DatasetSpec]
     run: RunConfig
     source: str = ""  # the file it came from, for messages
+    # run.batch_size_train: auto was asked for: the planner (engine/memory.py resolve_auto_batch) sets the micro
+    # batch and accumulation once the device is known; the schema itself never builds or plans.
+    auto_batch: bool = False
 
     def to_dict(self) -> dict:
         out = {"model": _plain(self.model), "datasets": {}, "run": _plain(self.run)}
@@ -253,155 +258,6 @@ DATASET_SUPERSEDED = {
     "data_type": "images are the only data type",
     "build_info": "give the dataset's root and file keys directly",
 }
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass
-class Problem:
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class ConfigError(ValueError):
-    def __init__(self, problems: List[Problem], source: str = ""):
-        self.problems = problems
-        where = f" in {source}" if source else ""
-        lines = [f"{len(problems)} problem(s){where}:"] + [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
-
-
-def _suggest(key: str, valid) -> str:
-    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{near[0]}'?" if near else ""
-
-
-def _fmt(v: Any) -> str:
-    return repr(v) if not isinstance(v, str) else f"'{v}'"
-
-
-# --------------------------------------------------------------------------- typed coercion
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{' | '.join(_type_name(a) for a in args)} or null"
-    if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, Dict):
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp, key: str, problems: List[Problem]) -> Any:
-    """Return value converted to type ``tp`` or record a problem (and return it unchanged)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return coerce(value, inner[0], key, problems)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        hint = _suggest(str(value), [str(c) for c in choices])
-        problems.append(Problem(key, f"{_fmt(value)} is not allowed; choose one of {', '.join(map(str, choices))}{hint}"))
-        return value
-    if origin in (list, List):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # `train_splits: train` means ["train"]
-        if not isinstance(value, (list, tuple)):
-            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
-            return value
-        (item,) = typing.get_args(tp)
-        return [coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            problems.append(Problem(key, f"{_fmt(value)} should be a mapping"))
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(Problem(key, f"{_fmt(value)} should be a {_type_name(tp)}"))
-            return value
-        return build_dataclass(tp, value, key, problems)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(Problem(key, f"{_fmt(value)} should be true or false"))
-        return value
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(Problem(key, f"{_fmt(value)} should be an integer"))
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-5` (no dot) as a string; LAVIS recipes are full of these.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(Problem(key, f"{_fmt(value)} should be a number"))
-        return value
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        problems.append(Problem(key, f"{_fmt(value)} should be a string"))
-        return value
-    return value
-
-
-def _nullable(tp) -> bool:
-    """True for ``Optional[...]`` (and Any): null is a value of the key, not "unset"."""
-    return tp is Any or (typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp))
-
-
-def build_dataclass(cls, data: Dict[str, Any], prefix: str, problems: List[Problem],
-                    ignored: Optional[Dict[str, str]] = None):
-    """Instantiate ``cls`` from a mapping, recording unknown keys, missing required keys and type errors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            if ignored and key in ignored:
-                logger.warning("%s is ignored: %s.", path, ignored[key])
-                continue
-            problems.append(Problem(path, f"unknown key{_suggest(key, fields)} "
-                                          f"(valid keys: {', '.join(fields)})"))
-            continue
-        if value is None and not _nullable(hints[key]):
-            continue  # null unsets a key: its default applies (a required key is then reported missing)
-        kwargs[key] = coerce(value, hints[key], path, problems)
-    for name, f in fields.items():
-        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in kwargs and no_default:
-            problems.append(Problem(f"{prefix}.{name}" if prefix else name,
-                                    f"is required ({f.metadata.get('help', _type_name(hints[name]))})"))
-            kwargs[name] = None
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- loading
@@ -458,7 +314,7 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
             if node.get(p) is None:
                 node[p] = {}
             if not isinstance(node[p], dict):
-                problems.append(Problem(path, f"cannot set a key under {p}, which is {_fmt(node[p])}"))
+                problems.append(Problem(path, f"cannot set a key under {p}, which is {fmt(node[p])}"))
                 break
             node = node[p]
         else:
@@ -466,21 +322,23 @@ def apply_options(data: Dict[str, Any], options: List[str], problems: List[Probl
 
 
 def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[ProcessorSpec]:
-    from engine.registry import PROCESSORS
-
     if not isinstance(spec, dict) or "name" not in spec:
-        problems.append(Problem(key, f"{_fmt(spec)} should be a mapping with a `name` (a registered processor)"))
+        problems.append(Problem(key, f"{fmt(spec)} should be a mapping with a `name` (a registered processor)"))
         return None
     name = spec["name"]
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     if name not in PROCESSORS:
         problems.append(Problem(f"{key}.name", PROCESSORS.unknown_message(name)))
         return None
-    sig = inspect.signature(PROCESSORS.get(name).obj)
-    params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    entry = PROCESSORS.get(name)
+    if "params" in entry.meta:  # declared: the processor's module (torch) is not imported to check a recipe
+        params = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in entry.meta["params"]}
+    else:
+        sig = inspect.signature(entry.obj)
+        params = {n: p for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     for k, v in list(kwargs.items()):
         if k not in params:
-            problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{_suggest(k, params)} "
+            problems.append(Problem(f"{key}.{k}", f"not an argument of processor '{name}'{suggest(k, params)} "
                                                    f"(valid: {', '.join(params)})"))
             continue
         ann = params[k].annotation
@@ -490,8 +348,6 @@ def _split_processor(spec: Any, key: str, problems: List[Problem]) -> Optional[P
 
 
 def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[DatasetSpec]:
-    from engine.registry import DATASETS
-
     key = f"datasets.{name}"
     if name not in DATASETS:
         problems.append(Problem(key, DATASETS.unknown_message(name)))
@@ -499,7 +355,7 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(Problem(key, f"{_fmt(raw)} should be a mapping of the dataset's keys"))
+        problems.append(Problem(key, f"{fmt(raw)} should be a mapping of the dataset's keys"))
         return None
     raw = dict(raw)
     procs: Dict[str, Dict[str, ProcessorSpec]] = {"vis_processor": {}, "text_processor": {}}
@@ -511,7 +367,7 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
         for split, spec in section.items():
             if split not in ("train", "eval"):
                 problems.append(Problem(f"{key}.{kind}.{split}",
-                                        f"unknown processor slot{_suggest(split, ['train', 'eval'])} (use train, eval)"))
+                                        f"unknown processor slot{suggest(split, ['train', 'eval'])} (use train, eval)"))
                 continue
             p = _split_processor(spec, f"{key}.{kind}.{split}", problems)
             if p is not None:
@@ -524,22 +380,20 @@ def _dataset_spec(name: str, raw: Any, problems: List[Problem]) -> Optional[Data
 def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[str]] = None,
                  check_files: bool = True) -> Recipe:
     """Turn a recipe mapping into a validated :class:`Recipe` (or raise one ConfigError with every problem)."""
-    from engine.registry import MODELS
-
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     problems: List[Problem] = []
     apply_options(data, options or [], problems)
 
     for key in data:
         if key not in ("model", "datasets", "run"):
-            problems.append(Problem(key, f"unknown section{_suggest(key, ['model', 'datasets', 'run'])} "
+            problems.append(Problem(key, f"unknown section{suggest(key, ['model', 'datasets', 'run'])} "
                                          f"(a recipe has model, datasets and run)"))
     raw_model = data.get("model") or {}
     raw_run = data.get("run") or {}
     raw_datasets = data.get("datasets") or {}
     for sec, val in (("model", raw_model), ("run", raw_run), ("datasets", raw_datasets)):
         if not isinstance(val, dict):
-            problems.append(Problem(sec, f"{_fmt(val)} should be a mapping"))
+            problems.append(Problem(sec, f"{fmt(val)} should be a mapping"))
     if problems:
         raise ConfigError(problems, source)
 
@@ -553,8 +407,8 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
             zoo_family = MODELS.get(arch)
             zoo = zoo_family.zoo
             if model_type is not None and model_type not in zoo:
-                problems.append(Problem("model.model_type", f"{_fmt(model_type)} is not a zoo entry of {arch}"
-                                        f"{_suggest(str(model_type), zoo)} (choose one of {', '.join(zoo)})"))
+                problems.append(Problem("model.model_type", f"{fmt(model_type)} is not a zoo entry of {arch}"
+                                        f"{suggest(str(model_type), zoo)} (choose one of {', '.join(zoo)})"))
             elif model_type is not None:
                 for k, v in zoo[model_type].defaults.items():
                     raw_model.setdefault(k, v)
@@ -569,7 +423,7 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
         spec = _dataset_spec(name, raw, problems)
         if spec is not None:
             datasets[name] = spec
-    recipe = Recipe(model, datasets, run, source)
+    recipe = Recipe(model, datasets, run, source, auto_batch=auto_batch)
     if not problems:
         problems.extend(_check_global_batch(recipe, auto_batch))
     if not problems:
@@ -580,8 +434,9 @@ def parse_recipe(data: Dict[str, Any], source: str = "", options: Optional[List[
 
 
 def _check_global_batch(recipe: Recipe, auto: bool) -> List[Problem]:
-    """batch_size_train: auto -> the micro batch and accumulation for this process's device and ranks
-    (WORLD_SIZE, as the launcher sets it); a number -> it must agree with run.global_batch_size."""
+    """batch_size_train: auto needs run.global_batch_size, a multiple of this run's ranks (WORLD_SIZE, as the
+    launcher sets it; the planner picks the micro batch later: engine/memory.py resolve_auto_batch); a number
+    must agree with run.global_batch_size when both are given."""
     r = recipe.run
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if r.global_batch_size is None:
@@ -600,13 +455,6 @@ def _check_global_batch(recipe: Recipe, auto: bool) -> List[Problem]:
                                                      f"{r.accum_grad_iters} x {world} rank(s) = {made}; make them "
                                                      f"agree, or set run.batch_size_train: auto")]
         return []
-    from engine.memory import auto_micro_batch, device_memory_gb
-
-    try:
-        micro = auto_micro_batch(recipe, world, device_memory_gb())
-    except ValueError as e:
-        return [Problem("run.batch_size_train", str(e))]
-    r.batch_size_train, r.accum_grad_iters = micro, r.global_batch_size // world // micro
     return []
 
 
@@ -617,19 +465,7 @@ def load_recipe(path: str, options: Optional[List[str]] = None, check_files: boo
 # --------------------------------------------------------------------------- cross-key checks
 
 
-def project_path(path: str) -> str:
-    """Resolve a path from a recipe: as given if it exists, else relative to the project root."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
-
-
 def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[Problem]:
-    from engine.deepspeed_config import check_ds_config
-    from engine.registry import TASKS
-
     m, r = recipe.model, recipe.run
     out: List[Problem] = []
     positive = ("batch_size_train", "batch_size_eval", "accum_grad_iters", "max_epoch", "num_beams", "max_len")
@@ -659,11 +495,10 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
         out.append(Problem("run.adam_betas", f"{r.adam_betas} should hold two numbers, e.g. [0.9, 0.999]"))
     if r.task not in TASKS:
         out.append(Problem("run.task", TASKS.unknown_message(r.task)))
-    else:
-        from engine.build import build_task
-
+    elif r.best_metric is not None and "metric_keys" in TASKS.get(r.task).meta:
+        task = TASKS.get(r.task)  # its declared metric names; the task itself is built by the trainer
         try:
-            build_task(recipe)  # checks best_metric against the task's metrics
+            task.check_metric(r.best_metric, task.metric_keys(r))
         except (ValueError, KeyError) as e:
             out.append(Problem("run.best_metric", str(e)))
     if m.load_in_8bit and m.load_in_4bit:
@@ -689,11 +524,9 @@ def check_recipe(recipe: Recipe, family=None, check_files: bool = True) -> List[
 def _check_image_size(recipe: Recipe) -> List[Problem]:
     """Every image processor must give the ViT the size it takes: the checkpoint's, or model.image_size
     (which resizes the ViT's position embeddings to it). A silent mismatch would run with wrong positions."""
-    from engine.models import checkpoint_image_size
-
     m = recipe.model
     folder = m.finetuned if m.load_finetuned else m.pretrained
-    vit = checkpoint_image_size(m.arch, m.model_type, folder)
+    vit = MODELS.get(m.arch).checkpoint_image_size(m.model_type, folder)  # registry metadata: nothing is built
     want = m.image_size if m.image_size is not None else vit
     if want is None:
         return []
@@ -720,30 +553,15 @@ def _check_ratios(recipe: Recipe) -> List[Problem]:
     for name, value in ratios.items():
         key = f"run.train_dataset_ratios.{name}"
         if name not in recipe.datasets:
-            out.append(Problem(key, f"not a dataset of this recipe{_suggest(str(name), recipe.datasets)} "
+            out.append(Problem(key, f"not a dataset of this recipe{suggest(str(name), recipe.datasets)} "
                                     f"(datasets: {', '.join(recipe.datasets) or 'none'})"))
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            out.append(Problem(key, f"{_fmt(value)} should be a positive number (a share of the epoch)"))
+            out.append(Problem(key, f"{fmt(value)} should be a positive number (a share of the epoch)"))
     missing = [n for n in recipe.datasets if n not in ratios]
     if missing:
         out.append(Problem("run.train_dataset_ratios", f"no ratio for {', '.join(missing)}; give every dataset of "
                                                        f"the recipe a ratio, or remove train_dataset_ratios"))
     return out
-
-
-def field_docs(cls) -> List[Tuple[str, str, Any, str]]:
-    """(name, type, default, help) of each field of a schema dataclass, for --help and docs."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
-    return rows
 
 
 def save_resolved(recipe: Recipe, path: str) -> None:

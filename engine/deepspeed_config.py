@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
-from engine.config import Problem, Recipe, project_path
+from engine.problems import Problem, project_path
+
+if TYPE_CHECKING:
+    from engine.config import Recipe
 
 
 def load_ds_config(path: str) -> Dict[str, Any]:

@@ -14,9 +14,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
+from PIL import Image
 
-from engine.export import (RECIPE_FILE, ExportError, apply_adapter, is_adapter_folder, is_checkpoint,
-                           load_checkpoint_model, lora_parts, merge_parts, parse_saved_recipe)
+from engine.build import build_data_processor, build_model, model_image_size
+from engine.checkpoints.common import RECIPE_FILE, ExportError
+from engine.checkpoints.engine_checkpoint import is_checkpoint, parse_saved_recipe
+from engine.checkpoints.lora import adapter_recipe, apply_adapter, is_adapter_folder, lora_parts, merge_parts
+from engine.data.processors import BlipCaptionProcessor
+from engine.data.region import render_region
+from engine.export import load_checkpoint_model
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,8 +32,6 @@ def load_model(path: str, *, dtype: str = "fp32", device: Optional[str] = None):
 
     The model is in eval mode on `device` (default: cuda if present, else cpu) with LoRA merged.
     """
-    from engine.build import build_model
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -49,8 +53,6 @@ def load_model(path: str, *, dtype: str = "fp32", device: Optional[str] = None):
         if lora_parts(model.hf):
             merge_parts(model.hf)
     elif is_adapter_folder(path):
-        from engine.export import adapter_recipe
-
         recipe_dict = adapter_recipe(path)
         if recipe_dict is None:
             raise ExportError(f"{path} is an adapter folder without a recipe; merge it first with "
@@ -83,15 +85,13 @@ class DataSettings:
 
 
 def data_settings(recipe) -> DataSettings:
-    from engine.build import _processor, model_image_size
-
     if not recipe.datasets:
         raise ExportError("the recipe has no dataset section; it cannot say how images were prepared")
     name = "sherlock" if "sherlock" in recipe.datasets else next(iter(recipe.datasets))
     spec = recipe.datasets[name]
     opts = spec.options
-    vis = _processor(spec.vis_processor.get("eval"), "blip_image_eval", model_image_size(recipe))
-    text = _processor(spec.text_processor.get("eval"), None, None)
+    vis = build_data_processor(spec.vis_processor.get("eval"), "blip_image_eval", model_image_size(recipe))
+    text = build_data_processor(spec.text_processor.get("eval"), None, None)
     return DataSettings(dataset=name, region=getattr(opts, "region", None),
                         crop_margin=float(getattr(opts, "crop_margin", 0.1)), text=getattr(opts, "text", None),
                         vis_processor=vis, text_processor=text)
@@ -102,8 +102,6 @@ def build_prompt(recipe, settings: DataSettings, prompt: Optional[str] = None,
     """The prompt as the dataset builds it (see SherlockDataset: ``clue_in_prompt`` puts
     ``"clue: " + clean(clue without its final full stop) + ". "`` before the model prompt).
     Returns ``(prompt, notes)``."""
-    from engine.data.processors import BlipCaptionProcessor
-
     notes: List[str] = []
     base = recipe.model.prompt if prompt is None else prompt
     if settings.text == "clue_in_prompt":
@@ -131,8 +129,6 @@ def parse_box(text: str) -> Tuple[float, float, float, float]:
 
 def prepare_image(image, boxes: Sequence[Sequence[float]], settings: DataSettings) -> torch.Tensor:
     """Draw the region as training did (the recipe's region mode), then the eval image transform."""
-    from engine.data.region import render_region
-
     image = image.convert("RGB")
     if boxes:
         if settings.region is None:
@@ -145,8 +141,6 @@ def generate(model, recipe, image_path: str, *, boxes: Sequence[Sequence[float]]
              prompt: Optional[str] = None, num_beams: Optional[int] = None, max_len: Optional[int] = None,
              min_len: Optional[int] = None) -> Dict[str, Any]:
     """Generate for one image. Returns ``{"text", "prompt", "region_mode", "text_mode", "notes"}``."""
-    from PIL import Image
-
     settings = data_settings(recipe)
     full_prompt, notes = build_prompt(recipe, settings, prompt, clue)
     with Image.open(image_path) as im:

@@ -7,9 +7,13 @@ there is one lookup path. Two rules LAVIS's registry did not keep:
   how to list them all (it never returns None);
 * registering the same name twice is an error, not a silent overwrite.
 
-The registries are filled by importing the packages that define the builders.
-``Registry.get`` and ``Registry.names`` import them on first use, so a lookup
-never depends on which modules the caller happened to import first.
+Built-in names are declared in light catalog modules (``engine/models/catalog.py``,
+``engine/data/catalog.py``, ``engine/tasks/catalog.py``) with their metadata (zoo, schema,
+arguments, metric names) and the ``"module:attribute"`` of their builder. The builder's module
+(torch, transformers) is imported only when the builder itself is used, so a recipe is checked
+against everything the registry knows without importing anything heavy. ``Registry.get`` and
+``Registry.names`` load the catalogs on first use, so a lookup never depends on which modules the
+caller happened to import first. ``register`` (a decorator) adds a builder that is already imported.
 """
 from __future__ import annotations
 
@@ -17,9 +21,8 @@ import difflib
 import importlib
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-# Packages whose import registers builders. Importing them does no work
-# beyond defining classes and functions.
-_PROVIDERS = ("engine.models", "engine.data", "engine.tasks")
+# Modules whose import declares the built-in names. They import nothing heavy.
+_PROVIDERS = ("engine.models.catalog", "engine.data.catalog", "engine.tasks.catalog")
 _populated = False
 
 
@@ -30,6 +33,12 @@ def _populate() -> None:
     _populated = True
     for mod in _PROVIDERS:
         importlib.import_module(mod)
+
+
+def load(target: str) -> Any:
+    """The object a ``"package.module:attribute"`` string names (its module imported on first use)."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class RegistryError(KeyError):
@@ -44,12 +53,23 @@ def close_matches(name: str, choices, n: int = 3) -> List[str]:
 
 
 class Entry:
-    """One registered builder plus optional metadata (schema, zoo, docs)."""
+    """One registered builder plus optional metadata (schema, zoo, docs).
 
-    def __init__(self, name: str, obj: Any, meta: Dict[str, Any]):
+    ``target`` (``"package.module:attribute"``) names a builder that is imported on first use of ``obj``.
+    """
+
+    def __init__(self, name: str, obj: Any, meta: Dict[str, Any], target: Optional[str] = None):
         self.name = name
-        self.obj = obj
+        self.target = target
         self.meta = meta
+        if obj is not None:
+            self.__dict__["_obj"] = obj
+
+    @property
+    def obj(self) -> Any:
+        if "_obj" not in self.__dict__:
+            self.__dict__["_obj"] = load(self.target)
+        return self.__dict__["_obj"]
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -71,18 +91,23 @@ class Registry:
 
         def deco(obj):
             key = name or getattr(obj, "__name__")
-            if key in self._entries:
-                prev = self._entries[key].obj
-                raise RegistryError(
-                    f"{self.kind} '{key}' is registered twice: first by "
-                    f"{getattr(prev, '__module__', '?')}.{getattr(prev, '__qualname__', prev)}, "
-                    f"again by {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}. "
-                    f"Give one of them another name."
-                )
-            self._entries[key] = Entry(key, obj, meta)
+            self._add(Entry(key, obj, meta), f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}")
             return obj
 
         return deco
+
+    def declare(self, name: str, target: str, **meta: Any) -> None:
+        """Register the builder ``target`` (``"package.module:attribute"``) without importing it."""
+        self._add(Entry(name, None, meta, target=target), target.replace(":", "."))
+
+    def _add(self, entry: Entry, where: str) -> None:
+        prev = self._entries.get(entry.name)
+        if prev is not None:
+            first = prev.target.replace(":", ".") if prev.target else (
+                f"{getattr(prev.obj, '__module__', '?')}.{getattr(prev.obj, '__qualname__', prev.obj)}")
+            raise RegistryError(f"{self.kind} '{entry.name}' is registered twice: first by {first}, "
+                                f"again by {where}. Give one of them another name.")
+        self._entries[entry.name] = entry
 
     def unknown_message(self, name: str) -> str:
         names = self.names()

@@ -9,16 +9,10 @@ Reads top to bottom: config -> model -> data -> deepspeed.initialize -> loop -> 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
-import socket
 import sys
-import time
 import traceback
-from contextlib import contextmanager
 from datetime import timedelta
-from typing import List, Tuple
 
 if __package__ in (None, ""):
     # Run as a script (the deepspeed launcher does this): import the package, not sibling files.
@@ -26,7 +20,13 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     sys.path.insert(0, _root)
 
-from engine.config import ConfigError, ModelConfig, RunConfig, field_docs, load_recipe  # noqa: E402
+from engine.config import ConfigError, ModelConfig, RunConfig, field_docs, load_recipe, save_resolved  # noqa: E402
+from engine.data.errors import DatasetError  # noqa: E402
+from engine.faults import RunStopped  # noqa: E402
+from engine.startup import (StartupClock, UsageError, exit_now, prepare_output_dir, single_process_env,  # noqa: E402
+                            trainer_exit_code)
+from engine.trainer.resume import check_resume  # noqa: E402
+from engine.trainer.reshape import saved_layout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,116 +53,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def single_process_env() -> None:
-    """Without the launcher, give torch.distributed a one-rank world (else DeepSpeed looks for MPI)."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
-    """Refuse to mix two runs in one folder; return the checkpoint to resume from (or None)."""
-    from engine.trainer import checkpoint
-
-    r = recipe.run
-    out = r.output_dir
-    ckpt_root = os.path.join(out, "checkpoints")
-    if resume or r.resume_ckpt_path:
-        path = r.resume_ckpt_path
-        if path is None:
-            tag = checkpoint.latest_tag(ckpt_root)
-            if tag is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root} "
-                                        f"(check run.output_dir, or start without --resume)")
-            path = os.path.join(ckpt_root, tag)
-        inside = os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
-        if inside or r.evaluate or not (os.path.isdir(out) and os.listdir(out)):
-            return path
-        raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "
-                              f"is not part of it; choose an empty run.output_dir")
-    if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
-        if not r.overwrite_output_dir:
-            raise FileExistsError(
-                f"run.output_dir '{out}' already holds a run. Resume it with --resume, choose another folder "
-                f"(--options run.output_dir=...), or replace it with --options run.overwrite_output_dir=true"
-            )
-        if rank == 0:
-            shutil.rmtree(out)
-    return None
-
-
-class StartupClock:
-    """How long each start-up stage took, for one log line before the first step (a slow start shows its cause)."""
-
-    def __init__(self):
-        self.stages: List[Tuple[str, float]] = []
-        self._mark = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start, start)
-
-    def add(self, name: str, seconds: float, start: float) -> None:
-        gap = start - self._mark  # time between timed stages (imports, logging set-up) is counted, not lost
-        if gap > 0.05:
-            self.stages.append(("imports and set-up", gap))
-        self.stages.append((name, seconds))
-        self._mark = start + seconds
-
-    def report(self) -> str:
-        merged = {}
-        for name, sec in self.stages:
-            merged[name] = merged.get(name, 0.0) + sec
-        parts = ", ".join(f"{name} {sec:.1f} s" for name, sec in merged.items())
-        return f"start-up took {sum(merged.values()):.1f} s: {parts}"
-
-
-class UsageError(Exception):
-    """A problem with the recipe, the paths or the data, found before training: exit code 2."""
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
-    from engine.data.errors import DatasetError
-    from engine.trainer.checkpoint import CheckpointSaveError, UnsafeFileError
-    from engine.trainer.faults import RunStopped
-
     try:
         return run(args)
-    except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError, UnsafeFileError) as e:
+    except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return _exit_now(2)
-    except CheckpointSaveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return _exit_now(3)
+        return exit_now(2)
     except RunStopped as e:  # interrupted, or a fault limit reached: a checkpoint was saved first
         print(f"stopped: {e}", file=sys.stderr)
-        return _exit_now(e.code)
-    except Exception:
+        return exit_now(e.code)
+    except Exception as e:
+        code = trainer_exit_code(e)  # an unsafe checkpoint file (2), a save that failed (3)
+        if code is not None:
+            print(f"error: {e}", file=sys.stderr)
+            return exit_now(code)
         # Any other failure: show it, then leave at once. With several ranks the others may be waiting in a
         # collective; a normal exit would run destructors that wait for them too. The launcher stops the
         # other ranks when this one exits non-zero; without it they fail at run.dist_timeout_s.
         rank = os.environ.get("RANK", "0")
         print(f"error on rank {rank}:\n{traceback.format_exc()}", file=sys.stderr)
-        return _exit_now(1)
-
-
-def _exit_now(code: int) -> int:
-    """In a multi-rank run exit without running destructors (they may wait in a collective forever)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    return code
+        return exit_now(1)
 
 
 def run(args) -> int:
@@ -172,31 +84,35 @@ def run(args) -> int:
     # 1. Config: every problem is reported before anything heavy is imported or built.
     with clock.stage("config"):
         recipe = load_recipe(args.recipe, args.options)
+        if recipe.auto_batch:
+            # Only for batch_size_train: auto: the planner builds the model on the meta device (transformers).
+            from engine.memory import device_memory_gb, resolve_auto_batch
+
+            resolve_auto_batch(recipe, world, device_memory_gb())
         r = recipe.run
         resume_from = prepare_output_dir(recipe, args.resume, rank)
         resume_notes = []
         if resume_from:
-            from engine.trainer.resume import check_resume
-
             problems, resume_notes = check_resume(resume_from, recipe, world)
             if r.evaluate:  # evaluation only needs the same model
                 problems = [p for p in problems if "cannot change" in p.message]
             if problems:
                 raise ConfigError(problems, f"{args.recipe} (resuming {resume_from})")
 
+    # The recipe is good: now the heavy imports (deepspeed, torch, transformers through the builders).
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
-
     from engine.build import DTYPES, build_datasets, build_model, prepare_datasets
-    from engine.config import save_resolved
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list, zero_stage
+    from engine.models.blip2 import CheckpointMismatchError
     from engine.models.quant import QuantizationError, check_quantization
+    from engine.trainer.checkpoint import BaseMismatchError, check_base, describe_base, read_state
     from engine.trainer.logs import logger, setup_logging
-    from engine.trainer.reshape import needs_universal, prepare_universal, saved_layout
+    from engine.trainer.reshape import needs_universal, prepare_universal
     from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir, init_distributed
-    from engine.trainer.loop import (Trainer, lr_scheduler_factory, micro_batches_per_epoch, param_groups,
-                                     total_optimizer_steps)
+    from engine.trainer.loop import Trainer, micro_batches_per_epoch, total_optimizer_steps
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
 
     try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
@@ -249,11 +165,9 @@ def run(args) -> int:
     # the same seeded weights as under ZeRO-2, so a run can move between stages.
     hf_ds = None
     if zero_stage(ds_config) == 3 and not (recipe.model.model_type == "tiny" and recipe.model.pretrained is None):
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations import HfDeepSpeedConfig  # here: only ZeRO-3 loading needs it
 
         hf_ds = HfDeepSpeedConfig(ds_config)
-    from engine.models.blip2 import CheckpointMismatchError
-
     try:  # built in the run's precision: DeepSpeed would cast an fp32 build anyway (half the host memory)
         with clock.stage("model build/load"):
             # ZeRO-1/2 on a GPU: a checkpoint loads straight onto this rank's device (ZeRO-3 partitions it above).
@@ -262,14 +176,12 @@ def run(args) -> int:
     except CheckpointMismatchError as e:
         raise UsageError(str(e)) from None
     if r.compile:
-        from engine.models import compile_layers
+        from engine.models import compile_layers  # with the builders, imported after the recipe check (above)
 
         logger.info("run.compile: %d repeated layers compile on their first call", compile_layers(model))
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
     # The base of the frozen weights: checkpoints name it instead of holding its weights (checkpoint.py).
-    from engine.trainer.checkpoint import BaseMismatchError, check_base, describe_base, read_state
-
     base = describe_base(recipe.to_dict()["model"], r.seed, r.precision, model)
     if not base["reproducible"] and not r.save_frozen:
         logger.info("the frozen weights (%s) cannot be rebuilt from a seed: every checkpoint holds them", base["path"])

@@ -234,7 +234,7 @@ def test_lavis_optimisation_defaults_no_clipping_and_lavis_decay_groups():
     """grad_clip: LAVIS never clips; weight decay on every trained parameter of 2+ dimensions that is not a
     bias (query_tokens included), as LAVIS's get_optimizer_params."""
     from engine.models import build_vlm
-    from engine.trainer.loop import param_groups
+    from engine.trainer.optim import param_groups
 
     r = parse_recipe(tiny())
     assert r.run.grad_clip == 0.0 and r.run.warmup_lr is None and r.run.lr_sched == "linear_warmup_cosine_lr"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine.config import ConfigError, parse_recipe
 from engine.data import DatasetError, MixedDataset, make_tiny_sherlock
-from engine.data.check import check_recipe_datasets
+from engine.build import check_recipe_datasets
 from engine.data.coco import build_coco_caption
 from engine.data.collate import collate
 from engine.data.jsonl import build_jsonl

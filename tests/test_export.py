@@ -91,7 +91,8 @@ def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, z
 
     from engine.build import build_model
     from engine.data.processors import BlipImageEvalProcessor
-    from engine.export import load_checkpoint_model, parse_saved_recipe
+    from engine.checkpoints.engine_checkpoint import parse_saved_recipe
+    from engine.export import load_checkpoint_model
 
     out = zero2_export
     ckpt = latest_checkpoint(zero2_run)
@@ -154,7 +155,9 @@ def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, 
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration
 
-    from engine.export import consolidated_state_dict, load_checkpoint_model, save_lora_adapter
+    from engine.checkpoints.engine_checkpoint import consolidated_state_dict
+    from engine.checkpoints.lora import save_lora_adapter
+    from engine.export import load_checkpoint_model
 
     ckpt = latest_checkpoint(zero3_lora_run)
     assert sorted(p.name for p in ckpt.glob("*_optim_states.pt")) == [
@@ -217,8 +220,8 @@ import deepspeed, torch
 from engine.build import build_model
 from engine.config import load_recipe
 from engine.deepspeed_config import fill_ds_config
-from engine.export import save_lora_adapter
-from engine.trainer.loop import param_groups
+from engine.checkpoints.lora import save_lora_adapter
+from engine.trainer.optim import param_groups
 from engine.trainer.topology import init_distributed
 init_distributed()
 for stage in (2, 3):
@@ -275,7 +278,7 @@ def test_adapter_folder_merges_onto_the_recipes_seeded_base(tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
     from engine.build import build_model
-    from engine.export import save_lora_adapter
+    from engine.checkpoints.lora import save_lora_adapter
 
     recipe = tiny_recipe("model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0",
                          "model.lora.on=[llm,qformer]")
@@ -303,7 +306,8 @@ def test_hf_folder_of_every_family_loads_with_its_processor(arch, tmp_path):
     from transformers import AutoProcessor, AutoTokenizer
 
     from engine.build import build_model
-    from engine.export import parse_saved_recipe, save_hf_folder
+    from engine.checkpoints.engine_checkpoint import parse_saved_recipe
+    from engine.checkpoints.hf import save_hf_folder
     from engine.models import WeightsNotFoundError
     from engine.models.blip2 import build_vlm
 
@@ -338,7 +342,7 @@ def test_exported_folder_generates_as_the_engine_in_plain_transformers(arch, tmp
     from transformers import AutoProcessor, GenerationConfig
 
     from engine.build import build_model
-    from engine.export import save_hf_folder
+    from engine.checkpoints.hf import save_hf_folder
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
@@ -466,7 +470,7 @@ def trained_like(arch, seed):
 
 @pytest.mark.parametrize("arch", ["blip2_opt", "blip2_t5", "blip2_vicuna_instruct"])
 def test_import_lavis_round_trips_every_tensor(arch, tmp_path, capsys):
-    from engine.models.blip2 import ARCHS
+    from engine.models.zoo import ARCHS
 
     spec = ARCHS[arch]
     source = trained_like(arch, seed=1)
@@ -656,7 +660,7 @@ def test_infer_prints_text_for_an_image_with_a_region(zero2_run, zero2_export, t
 
 def test_infer_prepares_image_and_prompt_exactly_as_the_dataset(zero2_run):
     from engine.build import build_dataset
-    from engine.export import checkpoint_recipe, parse_saved_recipe
+    from engine.checkpoints.engine_checkpoint import checkpoint_recipe, parse_saved_recipe
     from engine.inference import build_prompt, data_settings, prepare_image
 
     data = checkpoint_recipe(str(latest_checkpoint(zero2_run)))
@@ -680,7 +684,7 @@ def test_training_builds_in_its_precision_the_weights_deepspeed_would_cast_to(ar
     from deepspeed.runtime.keep_in_fp32 import keep_in_fp32_pattern
 
     from engine.build import build_model
-    from engine.export import save_hf_folder
+    from engine.checkpoints.hf import save_hf_folder
 
     recipe = tiny_recipe(f"model.arch={arch}")
     save_hf_folder(build_model(recipe), str(tmp_path / "ckpt"), recipe_dict=recipe.to_dict(), info={})

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from engine.build import build_dataset, prepare_datasets
-from engine.checkpoint_paths import CheckpointNotFound, resolve_checkpoint
+from engine.checkpoints.paths import CheckpointNotFound, resolve_checkpoint
 from engine.config import ConfigError, load_recipe
 from engine.data import DatasetError, make_tiny_sherlock
 from engine.data.synthetic import OWNER_MARK, SPEC_FILE, TOP_DIRS

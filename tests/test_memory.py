@@ -231,19 +231,27 @@ def test_split_sherlock_carves_a_dev_split_by_image(tmp_path):
 def test_auto_batch_picks_the_largest_micro_batch_that_fits_and_accumulates_to_the_global_batch(monkeypatch):
     import engine.memory as memory
 
-    monkeypatch.setattr(memory, "device_memory_gb", lambda: 24.0)  # a 24 GiB card
-    r = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    def auto(gpu_gb, global_batch, world=1):
+        r = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", f"run.global_batch_size={global_batch}")
+        assert r.auto_batch  # the schema only records the wish; the planner resolves it
+        memory.resolve_auto_batch(r, world, gpu_gb)
+        assert not r.auto_batch
+        return r
+
+    r = auto(24.0, 128)  # a 24 GiB card
     assert (r.run.batch_size_train, r.run.accum_grad_iters) == (32, 4)  # 64 does not fit (26.9 GiB predicted)
     assert plan(r, gpus=1, gpu_mem_gb=24).fits
-    monkeypatch.setattr(memory, "device_memory_gb", lambda: 80.0)
-    big = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=128")
+    big = auto(80.0, 128)
     assert big.run.batch_size_train == 128 and big.run.accum_grad_iters == 1
-    monkeypatch.setattr(memory, "device_memory_gb", lambda: None)  # CPU: up to 16
-    cpu = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    cpu = auto(None, 48)  # CPU: up to 16
     assert (cpu.run.batch_size_train, cpu.run.accum_grad_iters) == (16, 3)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    four = recipe("sherlock_opt2.7b.yaml", "run.batch_size_train=auto", "run.global_batch_size=48")
+    four = auto(None, 48, world=4)
     assert (four.run.batch_size_train, four.run.accum_grad_iters) == (12, 1)
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run.batch_size_train.*not even a micro batch of 1 fits 2.0 GiB"):
+        auto(2.0, 128)
 
 
 def test_auto_batch_needs_a_global_batch_that_agrees():

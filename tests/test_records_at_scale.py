@@ -12,7 +12,7 @@ import torch
 from engine.config import parse_recipe
 from engine.data import DatasetError, make_tiny_sherlock
 from engine.data import sherlock as sherlock_module
-from engine.data.check import check_recipe_datasets
+from engine.build import check_recipe_datasets
 from engine.data.sherlock import build_sherlock
 from engine.data.store import cache_paths, read_columns
 from engine.registry import PROCESSORS

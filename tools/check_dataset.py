@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from engine.data.check import check_recipe_datasets
+    from engine.build import check_recipe_datasets
 
     report = check_recipe_datasets(recipe, full_decode=args.full,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))

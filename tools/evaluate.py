@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def checkpoint_options(path: str) -> list:
     """Recipe overrides that make the engine start from ``path``."""
-    from engine.checkpoint_paths import CheckpointNotFound, is_complete, resolve_checkpoint
+    from engine.checkpoints.paths import CheckpointNotFound, is_complete, resolve_checkpoint
 
     if not is_complete(path):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):

@@ -47,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.checkpoint_paths import resolve_checkpoint
+    from engine.checkpoints.paths import resolve_checkpoint
     from engine.config import ConfigError
-    from engine.export import ExportError, export_checkpoint
+    from engine.checkpoints.common import ExportError
+    from engine.export import export_checkpoint
 
     try:
         ckpt = resolve_checkpoint(args.ckpt_dir)

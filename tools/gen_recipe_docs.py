@@ -107,7 +107,7 @@ def render() -> str:
         "| model.arch | model.model_type | official checkpoint | ViT image size | zoo defaults |",
         "|---|---|---|---|---|",
     ]
-    from engine.models import checkpoint_image_size
+    from engine.models.zoo import checkpoint_image_size
 
     for entry in MODELS:
         for model_type, z in entry.zoo.items():

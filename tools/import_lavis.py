@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.export import ExportError
-    from engine.lavis import LavisImportError, import_checkpoint, summary
+    from engine.checkpoints.common import ExportError
+    from engine.checkpoints.lavis import LavisImportError, import_checkpoint, summary
     from engine.models import WeightsNotFoundError
 
     if args.base is None and args.model_type != "tiny":

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.config import ConfigError
-    from engine.export import ExportError
+    from engine.checkpoints.common import ExportError
     from engine.inference import generate, load_model, parse_box
 
     try:

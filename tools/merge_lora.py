@@ -41,9 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.checkpoint_paths import CheckpointNotFound, resolve_checkpoint
+    from engine.checkpoints.paths import CheckpointNotFound, resolve_checkpoint
     from engine.config import ConfigError, load_yaml
-    from engine.export import ExportError, export_checkpoint, is_adapter_folder, merge_adapter
+    from engine.checkpoints.common import ExportError
+    from engine.checkpoints.lora import is_adapter_folder
+    from engine.export import export_checkpoint, merge_adapter
 
     try:
         if is_adapter_folder(args.source):

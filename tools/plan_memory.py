@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import ConfigError, load_recipe  # noqa: E402
+from engine.memory import resolve_auto_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +43,7 @@ def table(paths, gpu_counts, gpu_mem: float) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path in paths:
         recipe = load_recipe(path, check_files=False)
+        resolve_auto_batch(recipe, gpu_counts[0], gpu_mem)
         plans = [plan(recipe, gpus=n, gpu_mem_gb=gpu_mem, suggest=False) for n in gpu_counts]
         p = plans[0]
         zero = f"{p.stage}" + (" + opt offload" if p.offload_optimizer else "") + (
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
         return 0
     try:
         recipe = load_recipe(args.recipe, args.options, check_files=False)
+        resolve_auto_batch(recipe, args.gpus[0], args.gpu_mem)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

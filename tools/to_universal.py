@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.checkpoint_paths import resolve_checkpoint
+    from engine.checkpoints.paths import resolve_checkpoint
     from engine.trainer.checkpoint import UnsafeFileError
     from engine.trainer.reshape import convert_to_universal, saved_layout
 

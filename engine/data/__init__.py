@@ -1,17 +1,29 @@
 """Datasets, processors, region rendering, collate, samplers, mixing and dataset checks.
 
-Importing this package registers the ``sherlock``, ``coco_caption`` and ``jsonl``
-datasets and the LAVIS-named processors (``blip_image_train``,
-``blip2_image_train``, ``blip_image_eval``, ``blip_caption``).
+The ``sherlock``, ``coco_caption`` and ``jsonl`` datasets and the LAVIS-named processors
+(``blip_image_train``, ``blip2_image_train``, ``blip_image_eval``, ``blip_caption``) are declared in
+`engine.registry` by engine/data/catalog.py. The names below load their module on first use (PEP 562),
+so importing a light submodule (the schemas, the catalog) does not import torch.
 """
-from . import collate, errors, processors, region, sampler, sherlock, synthetic  # noqa: F401  (registration)
-from . import coco, jsonl  # noqa: F401  (registration)
-from .coco import CocoCaptionConfig, CocoCaptionDataset, build_coco_caption  # noqa: F401
-from .collate import collate as collate_fn  # noqa: F401
-from .errors import BadRecord, DatasetError  # noqa: F401
-from .jsonl import JsonlConfig, JsonlDataset, build_jsonl  # noqa: F401
-from .mixing import MixedDataset  # noqa: F401
-from .region import REGION_MODES, render_region  # noqa: F401
-from .sampler import ExactDistributedSampler, MixedDistributedSampler, training_sampler  # noqa: F401
-from .sherlock import SherlockConfig, SherlockDataset, build_sherlock, url_to_path  # noqa: F401
-from .synthetic import make_tiny_sherlock  # noqa: F401
+import importlib
+
+_EXPORTS = {
+    "CocoCaptionConfig": "schemas", "JsonlConfig": "schemas", "SherlockConfig": "schemas",
+    "CocoCaptionDataset": "coco", "build_coco_caption": "coco",
+    "JsonlDataset": "jsonl", "build_jsonl": "jsonl",
+    "SherlockDataset": "sherlock", "build_sherlock": "sherlock", "url_to_path": "sherlock",
+    "collate_fn": "collate:collate",
+    "BadRecord": "errors", "DatasetError": "errors",
+    "MixedDataset": "mixing",
+    "REGION_MODES": "schemas", "render_region": "region",
+    "ExactDistributedSampler": "sampler", "MixedDistributedSampler": "sampler", "training_sampler": "sampler",
+    "make_tiny_sherlock": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module, _, attr = _EXPORTS[name].partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr or name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Checking every split of every dataset of a recipe before training (``tools/check_dataset.py``).
+"""The report of checking every split of every dataset of a recipe before training (``tools/check_dataset.py``;
+the scan itself is :func:`engine.build.check_recipe_datasets`, which builds the datasets).
 
 Training runs the fast part of these checks at dataset construction (files
 exist, records have the right shape, targets are not empty) and stops with the
@@ -15,13 +16,11 @@ Nothing is skipped: ``max_bad_samples`` does not hide records from the report.
 """
 from __future__ import annotations
 
-import logging
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from .errors import KINDS, WARNING_KINDS, BadRecord, DatasetError, count_kinds, describe_counts
+from .errors import KINDS, BadRecord, count_kinds, describe_counts
 
 
 @dataclass
@@ -36,7 +35,7 @@ class SplitSummary:
 
 @dataclass
 class Report:
-    """What :func:`check_recipe_datasets` found: per-split summaries and every bad record."""
+    """What :func:`engine.build.check_recipe_datasets` found: per-split summaries and every bad record."""
 
     splits: List[SplitSummary] = field(default_factory=list)
     bad: List[BadRecord] = field(default_factory=list)
@@ -94,57 +93,3 @@ def _listing(records: List[BadRecord], show: int) -> List[str]:
         if len(recs) > show:
             lines.append(f"  ... and {len(recs) - show} more")
     return lines
-
-
-def _splits(recipe) -> List[str]:
-    r = recipe.run
-    return list(dict.fromkeys(list(r.train_splits) + list(r.valid_splits) + list(r.test_splits)))
-
-
-def check_recipe_datasets(recipe, full_decode: bool = False, log=None) -> Report:
-    """Scan every split (run.train/valid/test_splits) of every dataset of ``recipe``.
-
-    ``log(str)``, when given, hears progress (one line per split).
-    """
-    from engine.build import build_dataset
-
-    report = Report(full_decode=full_decode)
-    train = set(recipe.run.train_splits)
-    for name in recipe.datasets:
-        seen: Dict[str, str] = {}
-        for split in _splits(recipe):
-            if log:
-                log(f"checking {name}/{split} ...")
-            data_log = logging.getLogger("engine.data")
-            level = data_log.level
-            data_log.setLevel(logging.ERROR)  # the skip warnings would repeat what the report says
-            try:
-                # Every bad record lands in ds.bad_records (and in the report) instead of failing the build.
-                ds = build_dataset(recipe, name, split, is_train=split in train, max_bad_samples=sys.maxsize,
-                                   check_images=True)
-            except (DatasetError, ValueError, OSError) as e:
-                file = getattr(e, "filename", None) or f"datasets.{name} ({split})"
-                report.splits.append(SplitSummary(name, split, file, note="could not be read"))
-                report.bad.append(BadRecord(file, "file", "", "", [("missing_file", str(e))]))
-                continue
-            finally:
-                data_log.setLevel(level)
-            file = getattr(ds, "ann_file", "?")
-            if file in seen:
-                report.splits.append(SplitSummary(name, split, file, note=f"same file as {seen[file]}"))
-                continue
-            seen[file] = split
-            images = len({r[2] for r in ds.image_refs()}) if hasattr(ds, "image_refs") else 0
-            summary = SplitSummary(name, split, file, records=len(ds) + len(getattr(ds, "bad_records", [])),
-                                   images=images)
-            report.splits.append(summary)
-            report.bad += list(getattr(ds, "bad_records", []))
-            if hasattr(ds, "duplicate_ids"):
-                report.bad += ds.duplicate_ids()
-            if hasattr(ds, "verify_images"):
-                strict = getattr(ds, "strict_boxes", False)
-                for b in ds.verify_images(decode=full_decode):
-                    warning = not strict and all(k in WARNING_KINDS for k in b.kinds)
-                    (report.warnings if warning else report.bad).append(b)
-    return report
-

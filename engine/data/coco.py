@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from engine.registry import DATASETS
-
 from .errors import BadRecord
 from .records import DirIndex, RecordDataset, config_from, read_json_list, resolve
 from .region import Box
+from .schemas import CocoCaptionConfig
 from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
@@ -29,28 +27,6 @@ DOWNLOAD_HINT = (
     "are LAVIS's Karpathy-split files coco_karpathy_{train,val,test}.json "
     "(https://storage.googleapis.com/sfr-vision-language-research/datasets/coco_karpathy_train.json, and _val, _test)."
 )
-
-
-@dataclass
-class CocoCaptionConfig:
-    """Options of the ``coco_caption`` dataset (``datasets.coco_caption`` in a recipe)."""
-
-    root: str = field(default="", metadata={
-        "help": "Images root: the records' image paths (train2014/..., val2014/...) are relative to it."})
-    ann_train: str = field(default="annotations/coco_karpathy_train.json", metadata={
-        "help": "Training annotations (one record per caption): a path relative to root, or absolute."})
-    ann_val: str = field(default="annotations/coco_karpathy_val.json", metadata={
-        "help": "Validation annotations (one record per image, all its captions): relative to root, or absolute."})
-    ann_test: str = field(default="annotations/coco_karpathy_test.json", metadata={
-        "help": "Test annotations (same layout as ann_val): relative to root, or absolute."})
-    flip: bool = field(default=True, metadata={
-        "help": "Allow random horizontal flips in training (LAVIS's default)."})
-    max_records: Optional[int] = field(default=None, metadata={
-        "help": "Use only the first N records of each split (quick runs); unset uses all."})
-    max_bad_samples: int = field(default=0, metadata={
-        "help": "Skip up to this many bad records (counted in a warning) instead of failing; 0 fails on any."})
-    check_images: bool = field(default=True, metadata={
-        "help": "Check at start-up that every record's image file exists."})
 
 
 class _Item(NamedTuple):
@@ -286,7 +262,6 @@ class CocoCaptionDataset(RecordDataset):
                 "image_id": it.image_id, "references": list(it.references), "split_idx": -1}
 
 
-@DATASETS.register("coco_caption", schema=CocoCaptionConfig)
 def build_coco_caption(*, split: str, is_train: bool, vis_processor: Callable,
                        text_processor: Optional[Callable] = None, prompt: str = "",
                        **options: Any) -> CocoCaptionDataset:

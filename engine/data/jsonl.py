@@ -14,48 +14,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from engine.registry import DATASETS
-
 from .errors import BadRecord, DatasetError
 from .records import DirIndex, RecordDataset, config_from, parse_boxes, read_jsonl, resolve
-from .region import REGION_MODES, Box
+from .region import Box
+from .schemas import JsonlConfig
 from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
 FORMAT = ('one JSON object per line: {"image": "<path>", "text": "<target>", optional "boxes": '
           '[[left, top, width, height], ...], "prompt": "...", "id": "..."}')
-
-
-@dataclass
-class JsonlConfig:
-    """Options of the ``jsonl`` dataset (``datasets.jsonl`` in a recipe)."""
-
-    root: str = field(default="", metadata={
-        "help": "Folder the files and the records' image paths are relative to."})
-    train_file: str = field(default="train.jsonl", metadata={
-        "help": "Training records, one JSON object per line: relative to root, or absolute."})
-    val_file: str = field(default="val.jsonl", metadata={
-        "help": "Validation records: relative to root, or absolute."})
-    test_file: Optional[str] = field(default=None, metadata={
-        "help": "Records of the 'test' split; unset means the dataset has no test split."})
-    region: str = field(default="highlight", metadata={
-        "help": "How a record's boxes are shown: highlight, crop, blackout_others, none (as for sherlock).",
-        "choices": REGION_MODES})
-    crop_margin: float = field(default=0.1, metadata={
-        "help": "For region=crop: margin added on each side, as a fraction of the region's width/height."})
-    flip: bool = field(default=False, metadata={
-        "help": "Allow random horizontal flips in training (off: texts may say left and right)."})
-    max_records: Optional[int] = field(default=None, metadata={
-        "help": "Use only the first N records of each split (quick runs); unset uses all."})
-    max_bad_samples: int = field(default=0, metadata={
-        "help": "Skip up to this many bad records (counted in a warning) instead of failing; 0 fails on any."})
-    check_images: bool = field(default=True, metadata={
-        "help": "Check at start-up that every record's image file exists."})
 
 
 class _Item(NamedTuple):
@@ -247,7 +218,6 @@ class JsonlDataset(RecordDataset):
                 "sample_id": it.sample_id, "image_id": it.image_id, "references": [it.text], "split_idx": -1}
 
 
-@DATASETS.register("jsonl", schema=JsonlConfig)
 def build_jsonl(*, split: str, is_train: bool, vis_processor: Callable,
                 text_processor: Optional[Callable] = None, prompt: str = "", **options: Any) -> JsonlDataset:
     """Build one split (``train``, ``val`` or ``test``) from ``JsonlConfig`` fields."""

@@ -31,8 +31,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from engine.registry import PROCESSORS
-
 from .region import Box, BoxLike, clamp_boxes, union_box
 
 # CLIP's statistics, LAVIS's default for every BLIP/BLIP-2 image processor.
@@ -237,7 +235,6 @@ class _TrainImageProcessor(ImageProcessor):
         return super()._repr_items() + [("scale", self.scale), ("flip", self.flip)]
 
 
-@PROCESSORS.register("blip_image_train")
 class BlipImageTrainProcessor(_TrainImageProcessor):
     """LAVIS ``blip_image_train``: crop + flip + RandAugment(2, 5) + ToTensor + Normalize."""
 
@@ -248,7 +245,6 @@ class BlipImageTrainProcessor(_TrainImageProcessor):
         super().__init__(image_size, min_scale, max_scale, mean, std, flip, region_tries, normalize)
 
 
-@PROCESSORS.register("blip2_image_train")
 class Blip2ImageTrainProcessor(_TrainImageProcessor):
     """LAVIS ``blip2_image_train``: crop + flip + ToTensor + Normalize."""
 
@@ -257,7 +253,6 @@ class Blip2ImageTrainProcessor(_TrainImageProcessor):
         super().__init__(image_size, min_scale, max_scale, mean, std, flip, region_tries, normalize)
 
 
-@PROCESSORS.register("blip_image_eval")
 class BlipImageEvalProcessor(ImageProcessor):
     """LAVIS ``blip_image_eval``: bicubic resize to ``(S, S)`` + ToTensor + Normalize.
 
@@ -277,7 +272,6 @@ _PUNCT = re.compile(r"([.!\"()*#:;~])")
 _SPACES = re.compile(r"\s{2,}")
 
 
-@PROCESSORS.register("blip_caption")
 class BlipCaptionProcessor:
     """LAVIS ``blip_caption``: ``prompt + pre_caption(text)``.
 

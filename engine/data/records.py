@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from engine.registry import close_matches
 
-from ..trainer.faults import fault
+from engine.faults import fault
 from .errors import BadRecord, DatasetError, ImageReadError, settle_bad_records
 from .processors import BlipCaptionProcessor, ImageProcessor
 from .region import REGION_MODES, Box, region_frame, render_region, to_box

@@ -14,10 +14,10 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .schemas import REGION_MODES  # noqa: F401  (defined with the recipe schema; re-exported here)
+
 Box = Tuple[float, float, float, float]
 BoxLike = Union[Mapping[str, float], Sequence[float]]
-
-REGION_MODES = ("highlight", "crop", "blackout_others", "none")
 
 # The official colours: #ff05cd with alpha 0x3c, outline #05ff37, 3 px.
 HIGHLIGHT_FILL = (255, 5, 205, 0x3C)

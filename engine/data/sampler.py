@@ -32,14 +32,15 @@ import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from .mixing import MixedDataset
 
 
 def _dist_default(num_replicas: Optional[int], rank: Optional[int]):
     if num_replicas is not None and rank is not None:
         return num_replicas, rank
-    import torch.distributed as dist
-
     initialized = dist.is_available() and dist.is_initialized()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialized else 1
@@ -239,8 +240,6 @@ def training_sampler(dataset, num_replicas: Optional[int] = None, rank: Optional
     """The training sampler for ``dataset``: mixed by ratio for a MixedDataset with ratios, else every
     sample once per epoch; either way every rank gets the same count (``even``), dealt in whole
     micro-batches of ``batch_size`` (``chunk``)."""
-    from .mixing import MixedDataset
-
     if isinstance(dataset, MixedDataset) and dataset.ratios is not None:
         return MixedDistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed, chunk=batch_size)
     return ExactDistributedSampler(len(dataset), num_replicas, rank, shuffle=True, seed=seed, even=True,

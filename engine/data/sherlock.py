@@ -10,74 +10,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
-
-from engine.registry import DATASETS
 
 from .errors import BadRecord, DatasetError, warn_records
 from .processors import BlipCaptionProcessor
 from .records import (MOSTLY_OUTSIDE, RecordDataset, config_from, identity, inside_fraction, is_number,
                       mostly_outside_problem, parse_boxes, read_json_list, resolve)
 from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
-from .region import REGION_MODES, Box
+from .region import Box
+from .schemas import TEXT_MODES, SherlockConfig
 from .synthetic import make_tiny_sherlock
 
-TEXT_MODES = ("inference", "clue_inference", "clue_in_prompt")
 SPLITS = ("train", "val", "test")
 DOWNLOAD_HINT = (
     "Get the Sherlock annotations from https://github.com/allenai/sherlock (sherlock_dataset/), "
     "the VCR images from https://visualcommonsense.com (vcr1images/) and the Visual Genome images "
     "from https://homes.cs.washington.edu/~ranjay/visualgenome/api.html (vg/images/VG_100K, VG_100K_2)."
 )
-
-
-@dataclass
-class SherlockConfig:
-    """Options of the ``sherlock`` dataset (``datasets.sherlock`` in a recipe)."""
-
-    root: str = field(default="", metadata={
-        "help": "Folder holding sherlock_dataset/, vcr1images/ and vg/images/ (see https://github.com/allenai/sherlock)."})
-    train_file: str = field(default="sherlock_dataset/sherlock_train_v1_1.json", metadata={
-        "help": "Training records: a path relative to root, or absolute."})
-    val_file: str = field(default="sherlock_dataset/sherlock_val_with_split_idxs_v1_1.json", metadata={
-        "help": "Validation records (with split_idx): a path relative to root, or absolute."})
-    test_file: Optional[str] = field(default=None, metadata={
-        "help": "Records for the 'test' split; unset uses val_file (the official test set is hidden)."})
-    vcr_root: Optional[str] = field(default=None, metadata={
-        "help": "Folder of the VCR images (<movie>/<frame>.jpg); unset means <root>/vcr1images."})
-    vg_root: Optional[str] = field(default=None, metadata={
-        "help": "Folder holding VG_100K/ and VG_100K_2/; unset means <root>/vg/images."})
-    region: str = field(default="highlight", metadata={
-        "help": "How the region is shown: highlight (official pink fill + green outline), crop, blackout_others, none.",
-        "choices": REGION_MODES})
-    crop_margin: float = field(default=0.1, metadata={
-        "help": "For region=crop: margin added on each side, as a fraction of the region's width/height."})
-    text: str = field(default="inference", metadata={
-        "help": "Target text: inference; clue_inference ('clue: C inference: I'); clue_in_prompt (prompt 'clue: C. <prompt>').",
-        "choices": TEXT_MODES})
-    flip: bool = field(default=False, metadata={
-        "help": "Allow random horizontal flips in training (off: Sherlock texts mention left and right)."})
-    max_records: Optional[int] = field(default=None, metadata={
-        "help": "Use only the first N records of each split (quick runs); unset uses all."})
-    max_bad_samples: int = field(default=0, metadata={
-        "help": "Skip up to this many bad records (counted in a warning) instead of failing; 0 fails on any."})
-    check_images: bool = field(default=True, metadata={
-        "help": "Check at start-up that every record's image file exists."})
-    strict_boxes: bool = field(default=False, metadata={
-        "help": "Count a record whose box has more than half its area outside the image as bad (skipped within "
-                "max_bad_samples, else an error); off: listed in a warning, and the box clipped to the image."})
-    synthetic: Optional[int] = field(default=None, metadata={
-        "help": "Generate the tiny procedural Sherlock with this many training records into root if absent; "
-                "null or 0 = use the data that is in root."})
-    synthetic_val: int = field(default=100, metadata={
-        "help": "Validation records of the generated dataset (with synthetic; null = the default)."})
-    synthetic_seed: int = field(default=0, metadata={
-        "help": "Seed of the generated dataset (with synthetic)."})
-    synthetic_image_size: int = field(default=96, metadata={
-        "help": "Height in pixels of the generated images (with synthetic)."})
 
 
 def url_to_path(url: str, vcr_root: str, vg_root: str) -> str:
@@ -463,7 +414,6 @@ def prepare_sherlock(**options: Any) -> None:
                            seed=cfg.synthetic_seed, image_size=cfg.synthetic_image_size)
 
 
-@DATASETS.register("sherlock", schema=SherlockConfig, prepare=prepare_sherlock)
 def build_sherlock(*, split: str, is_train: bool, vis_processor: Callable,
                    text_processor: Optional[Callable] = None, prompt: str = "",
                    **options: Any) -> SherlockDataset:

@@ -181,7 +181,7 @@ def cache_paths(file: str, kind: str) -> List[str]:
 @contextlib.contextmanager
 def _locked(path: str):
     """An exclusive lock between processes (and nodes, where the file system supports it) on ``path``."""
-    import fcntl
+    import fcntl  # here, not at the top: POSIX only, and only a writer of the cache takes the lock
 
     with open(path, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)

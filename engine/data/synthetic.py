@@ -167,7 +167,7 @@ def _write(dest: str, num_train: int, num_val: int, seed: int, image_size: int) 
 @contextlib.contextmanager
 def _locked(path: str):
     """An exclusive inter-process lock held on ``path`` (blocking)."""
-    import fcntl
+    import fcntl  # here, not at the top: POSIX only, and only a writer of the cache takes the lock
 
     with open(path, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)

@@ -1,25 +1,23 @@
-"""Model builders. Importing this package registers the BLIP-2 archs in `engine.registry.MODELS`:
-blip2_opt, blip2_t5, blip2_vicuna_instruct, blip2_t5_instruct (each with a `tiny` model type)."""
-from .blip2 import (
-    ARCHS,
-    IGNORE_INDEX,
-    LENGTH_COUNTING,
-    VisionLanguageModel,
-    WeightsNotFoundError,
-    build_blip2_opt,
-    build_blip2_t5,
-    build_blip2_t5_instruct,
-    build_blip2_vicuna_instruct,
-    build_vlm,
-    checkpoint_image_size,
-    compile_layers,
-)
-from .lora import DEFAULT_TARGETS, merge_lora
-from .tokenizer import IMAGE_TOKEN, local_tokenizer
-from .zoo import BUILDER_KEYS, ZooEntry
+"""Model builders: blip2_opt, blip2_t5, blip2_vicuna_instruct, blip2_t5_instruct (each with a `tiny` model type),
+declared in `engine.registry.MODELS` by engine/models/catalog.py.
 
-__all__ = [
-    "ARCHS", "BUILDER_KEYS", "LENGTH_COUNTING", "checkpoint_image_size", "DEFAULT_TARGETS", "IGNORE_INDEX", "IMAGE_TOKEN", "VisionLanguageModel",
-    "WeightsNotFoundError", "ZooEntry", "build_blip2_opt", "build_blip2_t5", "build_blip2_t5_instruct",
-    "build_blip2_vicuna_instruct", "build_vlm", "local_tokenizer", "merge_lora",
-]
+The names below load their module on first use (PEP 562), so importing a light submodule (the zoo,
+the catalog) does not import transformers.
+"""
+import importlib
+
+_EXPORTS = {
+    "IGNORE_INDEX": "wrapper", "LENGTH_COUNTING": "wrapper", "VisionLanguageModel": "wrapper", "WeightsNotFoundError": "blip2",
+    "build_blip2_opt": "blip2", "build_blip2_t5": "blip2", "build_blip2_t5_instruct": "blip2",
+    "build_blip2_vicuna_instruct": "blip2", "build_vlm": "blip2", "compile_layers": "blip2",
+    "DEFAULT_TARGETS": "lora", "merge_lora": "lora",
+    "IMAGE_TOKEN": "tokenizer", "local_tokenizer": "tokenizer",
+    "ARCHS": "zoo", "BUILDER_KEYS": "zoo", "ZooEntry": "zoo", "checkpoint_image_size": "zoo",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

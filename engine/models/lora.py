@@ -42,6 +42,7 @@ def apply_lora(parts: Dict[str, nn.Module], family: str, lora: Dict[str, Any],
 
     Returns the parts that got adapters. Their base weights are frozen by the caller.
     """
+    # peft here, not at the top: it is loaded only when a recipe asks for LoRA.
     from peft import LoraConfig, inject_adapter_in_model
 
     unknown = sorted(set(lora) - set(LORA_KEYS))
@@ -70,7 +71,7 @@ def apply_lora(parts: Dict[str, nn.Module], family: str, lora: Dict[str, Any],
 
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA adapter in `model` into its base layer and remove it. Returns how many."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # here, not at the top: peft loads only for LoRA models
 
     merged = 0
     for name, module in list(model.named_modules()):

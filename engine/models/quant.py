@@ -37,7 +37,7 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool):
     if not (load_in_8bit or load_in_4bit):
         return None
     check_quantization(load_in_8bit, load_in_4bit, "cuda" if torch.cuda.is_available() else "cpu")
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # here: only 8/4-bit runs need it (and bitsandbytes)
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_SKIP)

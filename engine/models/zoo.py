@@ -14,10 +14,13 @@ config depends on the local tokenizer's size and is made by `tiny_config`.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from transformers import Blip2Config, InstructBlipConfig, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Recipe keys in `defaults` that are also builder keyword arguments.
 BUILDER_KEYS = ("max_txt_len",)
@@ -42,7 +45,7 @@ _QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, i
 _QFORMER_INSTRUCT = dict(_QFORMER, vocab_size=30523)
 
 
-def _opt(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
+def opt_text_config(hidden: int, layers: int, heads: int, ffn: int) -> Dict[str, Any]:
     return dict(model_type="opt", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
                 do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=50118, tie_word_embeddings=True)
@@ -72,15 +75,15 @@ _TINY = {"max_txt_len": 32, "prompt": ""}
 
 ZOO_OPT = {
     "pretrain_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b", {"max_txt_len": 32, "prompt": ""},
-                                 _blip2(_opt(2560, 32, 32, 10240))),
+                                 _blip2(opt_text_config(2560, 32, 32, 10240))),
     "pretrain_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b", {"max_txt_len": 32, "prompt": ""},
-                                 _blip2(_opt(4096, 32, 32, 16384))),
+                                 _blip2(opt_text_config(4096, 32, 32, 16384))),
     "caption_coco_opt2.7b": ZooEntry("Salesforce/blip2-opt-2.7b-coco",
                                      {"max_txt_len": 32, "prompt": "a photo of "},
-                                     _blip2(_opt(2560, 32, 32, 10240), image_size=364)),
+                                     _blip2(opt_text_config(2560, 32, 32, 10240), image_size=364)),
     "caption_coco_opt6.7b": ZooEntry("Salesforce/blip2-opt-6.7b-coco",
                                      {"max_txt_len": 32, "prompt": "a photo of "},
-                                     _blip2(_opt(4096, 32, 32, 16384), image_size=364)),
+                                     _blip2(opt_text_config(4096, 32, 32, 16384), image_size=364)),
     "tiny": ZooEntry(None, dict(_TINY)),
 }
 
@@ -152,9 +155,45 @@ def tiny_config(family: str, instruct: bool, tokenizer: PreTrainedTokenizerBase,
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    cross_attention_frequency=1, max_position_embeddings=128, initializer_range=0.02,
                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    # transformers here, not at the top: the recipe schema reads this module's zoo without loading it.
+    from transformers import Blip2Config, InstructBlipConfig
+
     if qformer_tokenizer is not None:
         qformer.update(vocab_size=len(qformer_tokenizer), pad_token_id=qformer_tokenizer.pad_token_id)
     cls = InstructBlipConfig if instruct else Blip2Config
     return cls(vision_config=vision, qformer_config=qformer, text_config=_tiny_text(family, tokenizer),
                num_query_tokens=8, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                initializer_range=0.02)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str  # LLM family: "opt" | "t5" | "llama"
+    instruct: bool  # InstructBLIP (the Q-Former also reads the prompt)
+    zoo: Dict[str, ZooEntry]
+
+
+ARCHS = {
+    "blip2_opt": ArchSpec("opt", False, ZOO_OPT),
+    "blip2_t5": ArchSpec("t5", False, ZOO_T5),
+    "blip2_vicuna_instruct": ArchSpec("llama", True, ZOO_VICUNA_INSTRUCT),
+    "blip2_t5_instruct": ArchSpec("t5", True, ZOO_T5_INSTRUCT),
+}
+
+
+def checkpoint_image_size(arch: str, model_type: str, pretrained: Optional[str] = None) -> Optional[int]:
+    """The image size of the ViT of the folder `pretrained` (its config.json), else of the official
+    checkpoint of `arch`/`model_type` (the zoo; a folder not copied here yet is taken to hold it).
+    None for an unknown model_type."""
+    spec = ARCHS[arch]
+    entry = spec.zoo.get(model_type)
+    cfg_file = os.path.join(pretrained, "config.json") if pretrained and pretrained != "random" else ""
+    if cfg_file and os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            size = ((json.load(f).get("vision_config") or {}).get("image_size"))
+        return int(size[0] if isinstance(size, (list, tuple)) else size) if size else 224  # transformers' default
+    if entry is None:
+        return None
+    if entry.config is None:
+        return TINY_IMAGE_SIZE
+    return int(entry.config["vision_config"]["image_size"])

@@ -1,25 +1,24 @@
 """Evaluation tasks: captioning (generation + pycocoevalcap) and Sherlock retrieval.
 
-Importing this package registers ``captioning`` and ``sherlock_retrieval`` in
-``engine.registry.TASKS``; each is a class whose instances offer
+``captioning`` and ``sherlock_retrieval`` are declared in ``engine.registry.TASKS`` by
+engine/tasks/catalog.py; each is a class whose instances offer
 ``evaluate(model, loader, *, device, dtype=None, synced_gpus=False) -> (records, metrics)``
-and ``best_score(metrics) -> float`` (higher is better).
+and ``best_score(metrics) -> float`` (higher is better). The names below load their module on first
+use (PEP 562), so importing the light metric names does not import torch.
 """
-from engine.tasks.captioning import CaptioningTask, evaluate_captioning, write_predictions
-from engine.tasks.metrics import CAPTION_METRIC_KEYS, aggregate_metric, caption_metrics, check_metric_name
-from engine.tasks.retrieval import (
-    RETRIEVAL_METRIC_KEYS,
-    SherlockRetrievalTask,
-    build_groups,
-    retrieval_metrics,
-    retrieval_metrics_grouped,
-    score_retrieval,
-    score_retrieval_detailed,
-)
+import importlib
 
-__all__ = [
-    "CAPTION_METRIC_KEYS", "RETRIEVAL_METRIC_KEYS", "CaptioningTask", "SherlockRetrievalTask",
-    "aggregate_metric", "build_groups", "caption_metrics", "check_metric_name", "evaluate_captioning",
-    "retrieval_metrics", "retrieval_metrics_grouped", "score_retrieval", "score_retrieval_detailed",
-    "write_predictions",
-]
+_EXPORTS = {
+    "CaptioningTask": "captioning", "evaluate_captioning": "captioning", "write_predictions": "captioning",
+    "CAPTION_METRIC_KEYS": "metrics", "RETRIEVAL_METRIC_KEYS": "metrics", "aggregate_metric": "metrics",
+    "caption_metrics": "metrics", "check_metric_name": "metrics",
+    "SherlockRetrievalTask": "retrieval", "build_groups": "retrieval", "retrieval_metrics": "retrieval",
+    "retrieval_metrics_grouped": "retrieval", "score_retrieval": "retrieval", "score_retrieval_detailed": "retrieval",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

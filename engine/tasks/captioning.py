@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from engine.registry import TASKS
 from engine.tasks import _common as C
 from engine.tasks.metrics import CAPTION_METRIC_KEYS, aggregate_metric, caption_metrics, check_metric_name
 
@@ -138,7 +137,6 @@ def write_predictions(records: List[Dict[str, Any]], path: str) -> str:
     return path
 
 
-@TASKS.register("captioning")
 class CaptioningTask:
     """Generation with beam search, scored with pycocoevalcap.
 

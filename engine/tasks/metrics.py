@@ -13,6 +13,7 @@ differs is the bookkeeping around them:
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 CAPTION_METRIC_KEYS = BLEU_KEYS + ("METEOR", "ROUGE_L", "CIDEr")
+RETRIEVAL_METRIC_KEYS = ("im2txt_mean_rank", "txt2im_mean_rank", "p_at_1")
 
 # SPICE parses with Stanford CoreNLP 3.6.0; pycocoevalcap fetches these two jars
 # from the internet the first time Spice() is constructed.
@@ -95,7 +97,7 @@ def spice_unavailable_reason() -> str | None:
     if shutil.which("java") is None:
         return "java is not on PATH"
     try:
-        import pycocoevalcap.spice.spice as spice_mod
+        import pycocoevalcap.spice.spice as spice_mod  # here: SPICE is optional (it needs Java)
     except ImportError as e:  # pragma: no cover - pycocoevalcap is a dependency
         return f"pycocoevalcap.spice cannot be imported ({e})"
     lib = os.path.join(os.path.dirname(os.path.abspath(spice_mod.__file__)), "lib")
@@ -121,6 +123,7 @@ def caption_metrics(predictions: Dict[str, str], references: Dict[str, List[str]
     if shutil.which("java") is None:
         raise RuntimeError("caption_metrics needs Java on PATH: pycocoevalcap's PTB tokenizer and METEOR are "
                            "Java programs (e.g. apt-get install openjdk-17-jre-headless)")
+    # pycocoevalcap here, not at the top: its scorers start Java tools and are needed only when scoring.
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -169,7 +172,7 @@ def caption_metrics(predictions: Dict[str, str], references: Dict[str, List[str]
     if reason is not None:
         logger.warning("SPICE skipped: %s", reason)
         return out
-    from pycocoevalcap.spice.spice import Spice
+    from pycocoevalcap.spice.spice import Spice  # here: SPICE is optional (it needs Java)
     try:
         out["SPICE"] = float(Spice().compute_score(gts_tok, res_tok)[0])
     except Exception as e:  # an optional metric must not throw away a finished evaluation
@@ -187,8 +190,6 @@ def _terms(name: str) -> List[str]:
 
 def check_metric_name(name: str, valid: Collection[str]) -> None:
     """Raise ValueError when ``name`` (a key or a sum of keys) uses keys outside ``valid``."""
-    import difflib
-
     valid = list(valid)
     unknown = [t for t in _terms(name) if t not in valid]
     if unknown:

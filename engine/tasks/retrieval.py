@@ -27,13 +27,11 @@ import numpy as np
 import scipy.stats
 import torch
 
-from engine.registry import TASKS
 from engine.tasks import _common as C
-from engine.tasks.metrics import aggregate_metric, check_metric_name
+from engine.tasks.metrics import RETRIEVAL_METRIC_KEYS, aggregate_metric, check_metric_name
 
 logger = logging.getLogger(__name__)
 
-RETRIEVAL_METRIC_KEYS = ("im2txt_mean_rank", "txt2im_mean_rank", "p_at_1")
 LOWER_IS_BETTER = ("im2txt_mean_rank", "txt2im_mean_rank")
 RETRIEVAL_BATCH_KEYS = ("image", "prompt", "text_output", "sample_id")
 
@@ -231,7 +229,6 @@ def score_retrieval(model: Any, loader, *, device, dtype: Optional[torch.dtype] 
     return metrics
 
 
-@TASKS.register("sherlock_retrieval")
 class SherlockRetrievalTask:
     """The Sherlock leaderboard's retrieval task, scored by the model's likelihood."""
 

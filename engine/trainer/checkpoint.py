@@ -28,13 +28,13 @@ import glob
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import struct
 from typing import Any, Dict, List, Optional
 
-from engine.trainer.faults import fault
+from engine.checkpoints.safe_loading import UnsafeFileError, safe_torch_load, weights_only_loads  # noqa: F401
+from engine.faults import fault
 
 import numpy as np
 import torch
@@ -82,36 +82,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
-
-
-class UnsafeFileError(ValueError):
-    """A file the engine reads holds a pickle with arbitrary objects (code would run): refused, exit code 2."""
-
-
-# The few DeepSpeed classes its optimizer-state files hold (loss scaler, ZeRO stage, fragment addresses):
-# plain records, allowed by name so the rest of a checkpoint still loads with ``weights_only=True``.
-def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_torch_load(path: str, map_location="cpu"):
-    """``torch.load`` that only accepts tensors and plain containers; anything else is refused, not run."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeFileError(_unsafe_message(path, e)) from None
-
-
-def _unsafe_message(path, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f"{path} holds objects other than tensors and plain data, so it was not loaded (unpickling it "
-            f"could run code). If you made this file and trust it, re-save it as plain tensors; otherwise "
-            f"delete it. ({first})")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -196,8 +166,6 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     unless they were initialised partitioned (ZeRO-3), which no seed reproduces: ``reproducible``
     is then false and the frozen weights must be saved.
     """
-    import torch
-
     pretrained = model_cfg.get("finetuned") if model_cfg.get("load_finetuned") else model_cfg.get("pretrained")
     frozen = _frozen_named(model)
     numel = sum(getattr(p, "ds_numel", None) or p.numel() for _, p in frozen)
@@ -355,26 +323,6 @@ def latest_tag(root: str) -> Optional[str]:
     return tag if tag and is_complete(os.path.join(root, tag)) else None
 
 
-@contextlib.contextmanager
-def weights_only_loads():
-    """DeepSpeed reads checkpoint files with a full unpickler (``weights_only=False``); inside this block every
-    ``torch.load`` is ours instead, so a checkpoint that carries code is refused rather than run."""
-    original = torch.load
-
-    def load(f, map_location=None, *args, weights_only=None, mmap=None, **kwargs):
-        try:
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return original(f, map_location=map_location, weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            raise UnsafeFileError(_unsafe_message(f, e)) from None
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def _checked_module_load(ckpt_dir: str):
     """DeepSpeed's module load, strict in what it may be: every key the model has is in the checkpoint,
     except frozen parameters (they come from DeepSpeed's ``frozen_param_fragments`` when the checkpoint holds
@@ -398,6 +346,7 @@ def _load_zero3_module(engine, ckpt_dir: str) -> None:
     """Weights only under ZeRO-3, from any number of ranks: consolidated by DeepSpeed's zero_to_fp32 for
     this tag (DeepSpeed's own module-only load consolidates the one ``latest`` names, whatever tag was
     asked for), then loaded into the gathered parameters on rank 0 and scattered."""
+    # deepspeed here, not at the top: tools that only read a checkpoint's state import this module.
     import deepspeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -44,7 +44,7 @@ class RunLog:
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
         self.steps_path = os.path.join(output_dir, "steps.jsonl")
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # here: only the logging rank loads tensorboard
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
 
@@ -56,7 +56,7 @@ class RunLog:
         scalars, under train/) per step; five times cheaper than an add_scalar call per value."""
         if not self.enabled or not rows:
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import Summary  # here: only the logging rank loads it
 
         writer = self.tb._get_file_writer()
         for step, values in rows:

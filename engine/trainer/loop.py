@@ -23,48 +23,17 @@ from tqdm import tqdm
 
 from engine.config import Recipe
 from engine.data.collate import WithTextInputs, collate
-from engine.data.sampler import ExactDistributedSampler
+from engine.data.normalize import on_device
+from engine.data.sampler import ExactDistributedSampler, training_sampler
 from engine.build import build_task
-from engine.export import save_lora_adapter
+from engine.checkpoints.lora import save_lora_adapter
 from engine.tasks import write_predictions
 from engine.trainer import checkpoint, step_check
-from engine.trainer.faults import RunStopped, fault
+from engine.faults import RunStopped, fault
 from engine.trainer.logs import RunLog
-from engine.trainer.schedule import StepLR, lr_at
 from engine.trainer.seeding import SeededDataset, SeededSampler, micro_batch_seed, seed_model_rng
 
 logger = logging.getLogger("engine")
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Trainable parameters only, grouped as LAVIS does (BaseModel.get_optimizer_params): weight decay on
-    every parameter of 2+ dimensions (query_tokens, embeddings and LoRA matrices included) except biases;
-    none on biases, norms and other 1-d parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # ZeRO-3 partitions parameters to 1-d shards; ds_shape keeps the real shape.
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        if ndim < 2 or name.endswith("bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    if not decay and not no_decay:
-        raise ValueError("no trainable parameters: check model.freeze_* and model.lora")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_scheduler_factory(recipe: Recipe, total_steps: int, steps_per_epoch: int):
-    r = recipe.run
-
-    def fn(step: int) -> float:
-        warmup_lr = r.warmup_lr if r.warmup_lr is not None else r.init_lr  # LAVIS: unset = init_lr
-        return lr_at(step, sched=r.lr_sched, init_lr=r.init_lr, min_lr=r.min_lr, warmup_lr=warmup_lr,
-                     warmup_steps=r.warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     decay_rate=r.lr_decay_rate, max_epoch=r.max_epoch, accum=r.accum_grad_iters)
-
-    return lambda optimizer: StepLR(optimizer, fn)
 
 
 _SAME_SIGNAL_S = 1.0  # a second SIGINT/SIGTERM sooner than this after the first is the same request
@@ -149,8 +118,6 @@ class Trainer:
     def train_loader(self, epoch: int, start_micro: int):
         split = self.run.train_splits[0]
         ds = self.datasets[split]
-        from engine.data.normalize import on_device
-        from engine.data.sampler import training_sampler
 
         # Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets
         # are drawn in the shares of run.train_dataset_ratios.

@@ -31,6 +31,7 @@ import shutil
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from engine.checkpoints.paths import COMPLETE, is_complete
 from engine.config import Problem
 
 logger = logging.getLogger("engine")
@@ -152,9 +153,10 @@ def convert_to_universal(ckpt_dir: str, workers: int = 1) -> str:
     Made in a temporary folder and moved into place with one rename once complete, so an interrupted
     conversion is never mistaken for a finished one; a finished one is reused.
     """
+    # deepspeed and torch here, not at the top: reading a layout must not import them.
     from deepspeed.checkpoint import ds_to_universal
 
-    from engine.trainer.checkpoint import COMPLETE, is_complete, weights_only_loads
+    from engine.checkpoints.safe_loading import weights_only_loads  # (imports torch)
 
     out = universal_dir(ckpt_dir)
     if is_complete(out):
@@ -210,6 +212,7 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
     each stage's loader reads its own: ZeRO-3 takes Adam's step and the group settings from the torch
     optimizer state inside it; ZeRO-1/2 take the step from a ``step.pt`` beside every parameter's state
     and check the DeepSpeed version. Add what the other stage reads, from the same values."""
+    # deepspeed and torch here, not at the top: reading a layout (tools/to_universal.py) must not import them.
     import deepspeed
     import torch
 
@@ -248,12 +251,10 @@ def _optimizer_state_for_every_stage(folder: str) -> None:
 def prepare_universal(ckpt_dir: str, rank: int, wait_group=None) -> str:
     """Rank 0 converts (or finds a finished conversion) while the others wait; every rank returns the
     folder to load. ``wait_group`` is a process group whose timeout allows for a long conversion."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # here, not at the top: reading a layout must not import torch
 
     out = universal_dir(ckpt_dir)
     if rank == 0:
-        from engine.trainer.checkpoint import is_complete
-
         if is_complete(out):
             logger.info("using the universal form of %s made earlier (%s)", ckpt_dir, out)
         else:

@@ -16,6 +16,7 @@ import os
 from typing import Any, Dict, List, Tuple
 
 from engine.config import Problem
+from engine.trainer.reshape import check_global_batch, keep_global_batch, saved_layout
 
 # Prefixes of dotted keys; the first match decides.
 FIXED = ("model.arch", "model.model_type", "model.lora", "model.freeze_vit", "model.freeze_qformer",
@@ -61,8 +62,6 @@ def read_saved_recipe(ckpt_dir: str) -> dict:
 def check_resume(ckpt_dir: str, recipe, world_size: int = 1) -> Tuple[List[Problem], List[str]]:
     """(problems that forbid resuming, notes of allowed differences). May set ``run.accum_grad_iters`` to
     keep the checkpoint's global batch on another number of ranks (reshape.keep_global_batch)."""
-    from engine.trainer.reshape import check_global_batch, keep_global_batch, saved_layout
-
     old = read_saved_recipe(ckpt_dir)
     layout = saved_layout(ckpt_dir)
     problems, notes = keep_global_batch(recipe, layout, world_size)

@@ -41,7 +41,7 @@ def seed_model_rng(seed: int, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
     elif device.type != "cpu":
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # here: only non-CUDA accelerators need it
 
         get_accelerator().manual_seed(seed)
 

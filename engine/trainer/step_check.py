@@ -27,6 +27,7 @@ def install(engine, vote: Vote) -> bool:
     """Run ``vote`` on the gradient norm inside each of ``engine``'s optimizer steps; a True verdict skips the
     step. Returns False where this does not apply (no ZeRO-1/2 optimizer, or one that computes no norm):
     there DeepSpeed's own checks stay and the trainer votes on each loss instead."""
+    # deepspeed loads here, not at import: the trainer package is imported before deepspeed.initialize runs.
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer

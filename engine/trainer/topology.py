@@ -59,7 +59,7 @@ def check_shared_output_dir(output_dir: str, topo: Topology) -> None:
     ``latest`` is moved by rank 0 alone: a folder that is local to each node would split a run's
     checkpoint in pieces. Rank 0 writes a random token; a rank that cannot read it back stops the run.
     """
-    import torch.distributed as dist
+    import torch.distributed as dist  # here, not at the top: the launcher checks run before torch loads
 
     if topo.num_nodes <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
@@ -93,6 +93,7 @@ def check_shared_output_dir(output_dir: str, topo: Topology) -> None:
 def init_distributed(timeout=None) -> None:
     """``deepspeed.init_distributed`` (NCCL on GPU, gloo on CPU, rendezvous from the launcher's environment),
     then the clean-up of what DeepSpeed's CPU backend leaves behind (``release_shared_memory_names``)."""
+    # deepspeed here, not at the top: it loads only once the recipe was checked (engine/train.py).
     import deepspeed
     import torch.distributed as dist
 

@@ -57,7 +57,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused(finished_run, tmp_path, victi
 
 
 def test_pickle_payload_in_a_lavis_checkpoint_is_refused(tmp_path):
-    from engine.lavis import LavisImportError, load_lavis_checkpoint
+    from engine.checkpoints.lavis import LavisImportError, load_lavis_checkpoint
 
     marker = tmp_path / "pwned"
     pth = tmp_path / "model.pth"

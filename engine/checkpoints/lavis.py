@@ -44,6 +44,14 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors.torch import load_file
+
+from engine.checkpoints.common import check_out_dir
+from engine.checkpoints.hf import save_hf_folder
+from engine.models.blip2 import build_vlm, resize_vision
+from engine.models.parts import part_of
+from engine.models.zoo import ARCHS
+from engine.registry import DATASETS
 
 # LAVIS attribute names of the language model and its input projection, per LLM family.
 LLM_PREFIXES = {"opt": ("opt_model", "opt_proj"), "t5": ("t5_model", "t5_proj"), "llama": ("llm_model", "llm_proj")}
@@ -88,8 +96,6 @@ def load_lavis_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str,
     config when the file has one. Loaded with ``weights_only=True``: a file whose pickle holds anything
     but tensors and plain containers is refused (it could run code)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return dict(load_file(path)), {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -198,12 +204,6 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], family: str,
     return out, report
 
 
-def _part(hf_key: str) -> str:
-    from engine.models.blip2 import _part_of
-
-    return _part_of(hf_key)
-
-
 # LLM weights that LAVIS's runner still saves for a frozen LLM: its checkpoints drop the parameters
 # that do not train, by name, but a tied weight's second name (OPT's lm_head, T5's encoder/decoder
 # embed_tokens) is not a parameter name, so the frozen copy stays, in the LLM's run dtype (fp16/bf16).
@@ -280,7 +280,7 @@ def apply_state_dict(hf_model: torch.nn.Module, converted: Mapping[str, torch.Te
         if id(t) in written:  # tied to an imported tensor (e.g. OPT's lm_head and embed_tokens)
             tied.append(k)
             continue
-        kept.setdefault(_part(k), []).append(k)
+        kept.setdefault(part_of(k), []).append(k)
     report["imported"] = len(converted)
     report["tied_to_imported"] = tied
     report["kept_from_base"] = kept
@@ -319,8 +319,6 @@ def _lavis_prompt(lavis_config: Mapping[str, Any]) -> Optional[str]:
 def _dataset_sections(lavis_config: Mapping[str, Any], region: str, text: str) -> Dict[str, Any]:
     """The LAVIS config's dataset sections this engine has (processors kept, the prompt moved to
     model.prompt, build_info replaced by an empty root to fill in); else a Sherlock section."""
-    from engine.registry import DATASETS
-
     out: Dict[str, Any] = {}
     for name, ds in (lavis_config.get("datasets") or {}).items():
         if name not in DATASETS or not isinstance(ds, Mapping):
@@ -385,9 +383,6 @@ def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, ba
     started from); a `tiny` model_type without one uses the seeded tiny model. `region` / `text`: the
     Sherlock modes the LAVIS run was trained with (written into recipe.yaml for tools/infer.py).
     """
-    from engine.export import check_out_dir, save_hf_folder
-    from engine.models.blip2 import ARCHS, build_vlm, resize_vision
-
     if arch not in ARCHS:
         raise LavisImportError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     check_out_dir(out_dir, force, protect=[path] + ([base] if base else []))
@@ -421,7 +416,7 @@ def import_checkpoint(path: str, out_dir: str, *, arch: str, model_type: str, ba
     }
     imported_parts: Dict[str, int] = {}
     for hf_key in converted:
-        imported_parts[_part(hf_key)] = imported_parts.get(_part(hf_key), 0) + 1
+        imported_parts[part_of(hf_key)] = imported_parts.get(part_of(hf_key), 0) + 1
     info["imported_per_part"] = imported_parts
     save_hf_folder(model, out_dir, recipe_dict=recipe, info=info, dtype=dtype, force=force)
     return report

@@ -1,0 +1,33 @@
+"""Which part of a BLIP-2 model a parameter belongs to, and gathering ZeRO-3 parameters: shared by the
+model wrapper, the checkpoint formats and the memory planner."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import List, Optional
+
+from torch import nn
+
+LN_VISION = "vision_model.post_layernorm."  # LAVIS's ln_vision
+
+
+def part_of(name: str) -> str:
+    """Which part of a BLIP-2 model a parameter name (relative to the HF model) belongs to."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vision_model.") and not name.startswith(LN_VISION):
+        return "vision"
+    if name.startswith(("qformer.", "query_tokens", "language_projection.", LN_VISION)):
+        # The projection trains with the Q-Former, as in BLIP-2; so does the ViT's output norm (LAVIS's
+        # ln_vision): LAVIS's freeze_vit freezes `visual_encoder` only.
+        return "qformer"
+    return "llm"
+
+
+def gathered(params: List[nn.Parameter], modifier_rank: Optional[int] = None):
+    """Gather ZeRO-3 partitioned parameters for use outside their module's forward; no-op otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed  # here, not at the top: only a ZeRO-3 model (already under deepspeed) gets this far
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

@@ -1,0 +1,112 @@
+"""Start-up helpers of engine/train.py: the one-process environment, the output folder's rules, the start-up
+clock, and how an error becomes an exit code (README: exit codes). Nothing here imports torch at load time:
+engine/train.py checks the recipe before anything heavy is imported."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from typing import List, Optional, Tuple
+
+
+class UsageError(Exception):
+    """A problem with the recipe, the paths or the data, found before training: exit code 2."""
+
+
+def single_process_env() -> None:
+    """Without the launcher, give torch.distributed a one-rank world (else DeepSpeed looks for MPI)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
+    """Refuse to mix two runs in one folder; return the checkpoint to resume from (or None)."""
+    # Here, not at the top: the checkpoint module loads torch, and nothing heavy loads before the recipe is checked.
+    from engine.trainer import checkpoint
+
+    r = recipe.run
+    out = r.output_dir
+    ckpt_root = os.path.join(out, "checkpoints")
+    if resume or r.resume_ckpt_path:
+        path = r.resume_ckpt_path
+        if path is None:
+            tag = checkpoint.latest_tag(ckpt_root)
+            if tag is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root} "
+                                        f"(check run.output_dir, or start without --resume)")
+            path = os.path.join(ckpt_root, tag)
+        inside = os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
+        if inside or r.evaluate or not (os.path.isdir(out) and os.listdir(out)):
+            return path
+        raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "
+                              f"is not part of it; choose an empty run.output_dir")
+    if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
+        if not r.overwrite_output_dir:
+            raise FileExistsError(
+                f"run.output_dir '{out}' already holds a run. Resume it with --resume, choose another folder "
+                f"(--options run.output_dir=...), or replace it with --options run.overwrite_output_dir=true"
+            )
+        if rank == 0:
+            shutil.rmtree(out)
+    return None
+
+
+class StartupClock:
+    """How long each start-up stage took, for one log line before the first step (a slow start shows its cause)."""
+
+    def __init__(self):
+        self.stages: List[Tuple[str, float]] = []
+        self._mark = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start, start)
+
+    def add(self, name: str, seconds: float, start: float) -> None:
+        gap = start - self._mark  # time between timed stages (imports, logging set-up) is counted, not lost
+        if gap > 0.05:
+            self.stages.append(("imports and set-up", gap))
+        self.stages.append((name, seconds))
+        self._mark = start + seconds
+
+    def report(self) -> str:
+        merged = {}
+        for name, sec in self.stages:
+            merged[name] = merged.get(name, 0.0) + sec
+        parts = ", ".join(f"{name} {sec:.1f} s" for name, sec in merged.items())
+        return f"start-up took {sum(merged.values()):.1f} s: {parts}"
+
+
+def exit_now(code: int) -> int:
+    """In a multi-rank run exit without running destructors (they may wait in a collective forever)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def trainer_exit_code(e: BaseException) -> Optional[int]:
+    """2 for a checkpoint file that would run code, 3 for a checkpoint that could not be saved, else None."""
+    # Here, not at the top: these modules load torch, and nothing heavy loads before the recipe is checked.
+    from engine.checkpoints.safe_loading import UnsafeFileError
+    from engine.trainer.checkpoint import CheckpointSaveError
+
+    if isinstance(e, UnsafeFileError):
+        return 2
+    if isinstance(e, CheckpointSaveError):
+        return 3
+    return None
