@@ -62,12 +62,13 @@ def main(argv=None) -> int:
         return 2
     for part, d in info["parts"].items():
         state = "trained" if d["trained_params"] == d["params"] else "frozen" if not d["trained"] else "partly"
-        source = "base" if state == "frozen" and info.get("frozen_from") == "base" else "checkpoint"
+        from_base = info.get("frozen_from") == "base"
+        source = {"frozen": "base", "partly": "base + checkpoint"}.get(state, "checkpoint") if from_base else "checkpoint"
         print(f"{part:8s} {d['params']:>14,d} params  {state:7s}  {source} dtype {d['source_dtype']}, "
               f"saved as {info['saved_dtype']}")
     if "lora" in info:
         print("lora:", json.dumps(info["lora"]))
-    if info.get("base"):
+    if info.get("base") and any(d["trained_params"] < d["params"] for d in info["parts"].values()):
         print(f"frozen weights from the base {info['base']['path']} (fingerprint {info['base']['fingerprint'][:16]})")
     print(f"exported step {info.get('global_step')} of {info['source_checkpoint']} to {os.path.abspath(args.out_dir)}")
     return 0
