@@ -233,7 +233,7 @@ def diagnose(recipe_path: str, options: List[str], *, tiny: bool, batches=(8, 32
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list
     from engine.memory import Workload, auto_micro_batch, recipe_facts, train_flops_per_sample
     from engine.models import compile_layers
-    from engine.trainer.loop import lr_scheduler_factory, param_groups
+    from engine.trainer.optim import lr_scheduler_factory, param_groups
     from engine.trainer.topology import init_distributed
 
     base = ["model.model_type=tiny", "model.pretrained=null"] if tiny else ["model.pretrained=random"]
