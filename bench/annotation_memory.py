@@ -1,7 +1,7 @@
 """Annotation files at full size: load time and host memory of a rank and its DataLoader workers.
 
     python bench/annotation_memory.py                              # 363,000 Sherlock records, 4 workers
-    python bench/annotation_memory.py --engine-root /work/main     # the same, with another tree's engine
+    python bench/annotation_memory.py --engine-root ../other-checkout  # the same, with another tree's engine
     python bench/annotation_memory.py --write docs/benchmarks.md --before before.json
     python bench/annotation_memory.py --smoke                      # 3,000 records, 2 workers (CI)
 

@@ -22,12 +22,12 @@ Two environments, as LAVIS pins transformers 4.33 and this engine needs 5.x:
    InstructBLIP), transformers 4.33.2 as LAVIS's requirements.txt pins it, and only what its BLIP-2
    model modules import:
 
-       python3.11 -m venv /work/lavis-env
-       /work/lavis-env/bin/pip install torch==2.14.1 torchvision==0.29.1
-       /work/lavis-env/bin/pip install transformers==4.33.2 timm==0.4.12 fairscale==0.4.4 omegaconf \
+       python3.11 -m venv $HOME/lavis-env
+       $HOME/lavis-env/bin/pip install torch==2.14.1 torchvision==0.29.1
+       $HOME/lavis-env/bin/pip install transformers==4.33.2 timm==0.4.12 fairscale==0.4.4 omegaconf \
            iopath pandas sentencepiece einops "numpy<2"
-       git clone https://github.com/salesforce/LAVIS /work/lavis-src     # or any copy of its source
-       PYTHONPATH=/work/lavis-src /work/lavis-env/bin/python tests/golden/make_lavis_goldens.py \
+       git clone https://github.com/salesforce/LAVIS $HOME/lavis-src     # or any copy of its source
+       PYTHONPATH=$HOME/lavis-src $HOME/lavis-env/bin/python tests/golden/make_lavis_goldens.py \
            lavis /tmp/lavis_golden_work tests/golden/lavis
 
    LAVIS's package __init__ files import every dataset and model (and their many dependencies); this
