@@ -19,7 +19,7 @@ from .errors import BadRecord
 from .records import DirIndex, RecordDataset, config_from, read_json_list, resolve
 from .region import Box
 from .schemas import CocoCaptionConfig
-from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
+from .store import CachedColumns, cached_columns, duplicate_rows, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
 DOWNLOAD_HINT = (
@@ -237,23 +237,10 @@ class CocoCaptionDataset(RecordDataset):
         items: _Items = self.items
         if not items.per_image:
             return []
-        rows = items.rows
-        h = items.cols.columns["id_hash"][rows]
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
         ids = texts(items.cols.columns, "image_id")
-        out, first = [], {}
-        for k in (np.flatnonzero(hs[1:] == hs[:-1]) + 1).tolist():
-            j = first.get(k - 1, k - 1)
-            first[k] = j
-            a, b = int(rows[order[j]]), int(rows[order[k]])
-            if ids[a] != ids[b]:
-                continue
-            sid = ids[b]
-            out.append((b, self.bad(b, sid, [(
-                "duplicate_id", f"{self.id_name} {sid} is also used by {self.unit} {a} (fix: give every record "
-                                f"its own {self.id_name})")])))
-        return [b for _, b in sorted(out, key=lambda t: t[0])]
+        return [self.bad(b, ids[b], [("duplicate_id", f"{self.id_name} {ids[b]} is also used by {self.unit} {a} "
+                                                      f"(fix: give every record its own {self.id_name})")])
+                for a, b in duplicate_rows(items.cols.columns["id_hash"], items.rows, ids)]
 
     def annotation(self, index: int) -> Dict[str, Any]:
         it = self.items[index]

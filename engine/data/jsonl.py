@@ -22,7 +22,7 @@ from .errors import BadRecord, DatasetError
 from .records import DirIndex, RecordDataset, config_from, parse_boxes, read_jsonl, resolve
 from .region import Box
 from .schemas import JsonlConfig
-from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
+from .store import CachedColumns, cached_columns, duplicate_rows, id_hashes, text_columns, texts
 
 SPLITS = ("train", "val", "test")
 FORMAT = ('one JSON object per line: {"image": "<path>", "text": "<target>", optional "boxes": '
@@ -193,23 +193,12 @@ class JsonlDataset(RecordDataset):
     def duplicate_ids(self) -> List[BadRecord]:
         """A record per item whose id an earlier item already has (found on the id hashes)."""
         items: _Items = self.items
-        rows, c = items.rows, items.cols.columns
-        h = c["id_hash"][rows]
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
+        c = items.cols.columns
         ids = texts(c, "id")
-        out, first = [], {}
-        for k in (np.flatnonzero(hs[1:] == hs[:-1]) + 1).tolist():
-            j = first.get(k - 1, k - 1)
-            first[k] = j
-            a, b = int(rows[order[j]]), int(rows[order[k]])
-            if ids[a] != ids[b]:
-                continue
-            sid = ids[b]
-            out.append((b, self.bad(int(c["line"][b]), sid, [(
-                "duplicate_id", f"{self.id_name} {sid} is also used by {self.unit} {int(c['line'][a])} (fix: give "
-                                f"every record its own {self.id_name})")])))
-        return [b for _, b in sorted(out, key=lambda t: t[0])]
+        return [self.bad(int(c["line"][b]), ids[b], [(
+                    "duplicate_id", f"{self.id_name} {ids[b]} is also used by {self.unit} {int(c['line'][a])} "
+                                    f"(fix: give every record its own {self.id_name})")])
+                for a, b in duplicate_rows(c["id_hash"], items.rows, ids)]
 
     def annotation(self, index: int) -> Dict[str, Any]:
         it = self.items[index]

@@ -18,7 +18,7 @@ from .errors import BadRecord, DatasetError, warn_records
 from .processors import BlipCaptionProcessor
 from .records import (MOSTLY_OUTSIDE, RecordDataset, config_from, identity, inside_fraction, is_number,
                       mostly_outside_problem, parse_boxes, read_json_list, resolve)
-from .store import CachedColumns, cached_columns, id_hashes, text_columns, texts
+from .store import CachedColumns, cached_columns, duplicate_rows, id_hashes, text_columns, texts
 from .region import Box
 from .schemas import TEXT_MODES, SherlockConfig
 from .synthetic import make_tiny_sherlock
@@ -349,28 +349,10 @@ class SherlockDataset(RecordDataset):
     def duplicate_ids(self) -> List[BadRecord]:
         """A record per item whose instance_id an earlier item already has (found on the id hashes)."""
         items: _Records = self.items
-        rows = items.rows
-        h = items.cols.columns["id_hash"][rows]
-        order = np.argsort(h, kind="stable")  # equal ids stay in file order: the first is the original
-        hs = h[order]
-        same = np.flatnonzero(hs[1:] == hs[:-1]) + 1
-        out = []
-        first_of = {}
-        for k in same.tolist():
-            j = k - 1
-            while j in first_of:
-                j = first_of[j]
-            first_of[k] = j
         ids = texts(items.cols.columns, "instance_id")
-        for k, j in first_of.items():
-            a, b = int(rows[order[j]]), int(rows[order[k]])
-            sid = ids[b]
-            if sid != ids[a]:  # a hash collision, not a duplicate
-                continue
-            out.append((b, self.bad(b, sid, [("duplicate_id", f"{self.id_name} {sid} is also used by "
-                                                              f"{self.unit} {a} (fix: give every record its own "
-                                                              f"{self.id_name})")])))
-        return [b for _, b in sorted(out, key=lambda t: t[0])]
+        return [self.bad(b, ids[b], [("duplicate_id", f"{self.id_name} {ids[b]} is also used by {self.unit} {a} "
+                                                      f"(fix: give every record its own {self.id_name})")])
+                for a, b in duplicate_rows(items.cols.columns["id_hash"], items.rows, ids)]
 
     # -- samples -------------------------------------------------------------
     def _texts(self, it: _Item) -> Tuple[str, str, str]:

@@ -87,6 +87,24 @@ def id_hashes(ids: Iterable[str]) -> np.ndarray:
                      for i in ids], dtype=np.uint64)
 
 
+def duplicate_rows(hashes: np.ndarray, rows: np.ndarray, ids: "Texts") -> List[Tuple[int, int]]:
+    """(first, repeat) pairs of rows (of ``rows``) whose ids are equal, ordered by the repeat: found by sorting
+    the rows' id ``hashes`` (one per column row), confirmed on the strings (a hash collision is no duplicate).
+    Each repeat is paired with the first row of its id in file order."""
+    h = hashes[rows]
+    order = np.argsort(h, kind="stable")  # equal ids stay in file order: the first of a run is the original
+    hs = h[order]
+    first: Dict[int, int] = {}
+    pairs = []
+    for k in (np.flatnonzero(hs[1:] == hs[:-1]) + 1).tolist():
+        j = first.get(k - 1, k - 1)
+        first[k] = j
+        a, b = int(rows[order[j]]), int(rows[order[k]])
+        if ids[a] == ids[b]:
+            pairs.append((a, b))
+    return sorted(pairs, key=lambda p: p[1])
+
+
 # --------------------------------------------------------------------------- the file
 
 
@@ -179,8 +197,9 @@ def cache_paths(file: str, kind: str) -> List[str]:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive lock between processes (and nodes, where the file system supports it) on ``path``."""
+def locked(path: str):
+    """An exclusive lock between processes (and nodes, where the file system supports it) on ``path``; the
+    writers of cached files (this module, the synthetic dataset) take it."""
     import fcntl  # here, not at the top: POSIX only, and only a writer of the cache takes the lock
 
     with open(path, "a+") as f:
@@ -237,7 +256,7 @@ def cached_columns(file: str, kind: str, version: int,
     for path in candidates:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with _locked(path + ".lock"):
+            with locked(path + ".lock"):
                 got = _valid(path, key)  # another process built it while this one waited
                 if got is not None:
                     return CachedColumns(got[0], got[1], path, built=False)

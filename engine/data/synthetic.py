@@ -13,7 +13,6 @@ goes through the same loading and checking code as the real data.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import DatasetError
+from .store import locked
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +164,6 @@ def _write(dest: str, num_train: int, num_val: int, seed: int, image_size: int) 
         open(os.path.join(dest, top, OWNER_MARK), "w").close()
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive inter-process lock held on ``path`` (blocking)."""
-    import fcntl  # here, not at the top: POSIX only, and only a writer of the cache takes the lock
-
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _read_spec(root: str):
     try:
         with open(os.path.join(root, SPEC_FILE)) as f:
@@ -204,7 +191,7 @@ def make_tiny_sherlock(root: str, num_train: int = 1200, num_val: int = 100, see
     if _read_spec(root) == spec:
         return root
     os.makedirs(root, exist_ok=True)
-    with _locked(os.path.join(root, ".tiny_sherlock.lock")):
+    with locked(os.path.join(root, ".tiny_sherlock.lock")):
         found = _read_spec(root)
         if found == spec:
             return root  # another process finished it while we waited
