@@ -49,13 +49,6 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
         raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "
                               f"is not part of it; choose an empty run.output_dir")
     if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
-        if stopped_before_training(out):
-            # A start that failed before its first step (a bad option, missing data) left only its resolved
-            # recipe and log: nothing a user would lose. The new start rewrites config.yaml and appends to the log.
-            if rank == 0:  # before the run's log is set up: straight to the console
-                print(f"note: run.output_dir {out} holds only a start that stopped before training "
-                      f"({', '.join(sorted(os.listdir(out)))}); starting there", flush=True)
-            return None
         if not r.overwrite_output_dir:
             raise FileExistsError(
                 f"run.output_dir '{out}' already holds a run. Resume it with --resume, choose another folder "
@@ -64,15 +57,6 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
         if rank == 0:
             shutil.rmtree(out)
     return None
-
-
-# What a start writes before training begins; anything else (steps.jsonl, tb/, checkpoints/, ...) means a run.
-PRE_TRAINING_FILES = ("config.yaml", "train.log")
-
-
-def stopped_before_training(out: str) -> bool:
-    """``out`` holds only what a start writes before its first step (no steps, metrics or checkpoints)."""
-    return all(name in PRE_TRAINING_FILES and os.path.isfile(os.path.join(out, name)) for name in os.listdir(out))
 
 
 class StartupClock:

@@ -127,23 +127,3 @@ def test_evaluate_takes_the_latest_pointer_and_says_what_it_resolved(tmp_path, c
     with pytest.raises(SystemExit, match="not a checkpoint of this engine.*nor is it an exported"):
         evaluate.checkpoint_options(str(tmp_path))
 
-
-def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path):
-    """A new user's first start often stops on a bad option or missing data after writing config.yaml and
-    train.log; fixing the option and starting again must not be refused as 'already holds a run'. A folder
-    with anything a training run writes (steps, checkpoints, TensorBoard) still is."""
-    from types import SimpleNamespace
-
-    from engine.startup import prepare_output_dir
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text("model: {}\n")
-    (out / "train.log").write_text("error: ...\n")
-    recipe = SimpleNamespace(run=SimpleNamespace(output_dir=str(out), resume_ckpt_path=None, evaluate=False,
-                                                 overwrite_output_dir=False))
-    assert prepare_output_dir(recipe, resume=False, rank=0) is None
-    assert (out / "train.log").read_text() == "error: ...\n"  # kept: the new start appends to it
-    (out / "steps.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        prepare_output_dir(recipe, resume=False, rank=0)
