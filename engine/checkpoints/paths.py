@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-# The names engine/trainer/checkpoint.py writes (not imported: the readers of checkpoints, export and the
-# tools, sit below the trainer).
+# The file names of a checkpoint: engine/trainer/checkpoint.py writes them, the readers here and the tools
+# find them (one home for both).
 COMPLETE = "COMPLETE"
 CHECKPOINTS = "checkpoints"
 ENGINE_STATE = "engine_state.json"

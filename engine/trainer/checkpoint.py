@@ -33,14 +33,13 @@ import shutil
 import struct
 from typing import Any, Dict, List, Optional
 
+from engine.checkpoints.paths import COMPLETE, ENGINE_STATE, is_complete  # noqa: F401  (the file names, one home)
 from engine.checkpoints.safe_loading import UnsafeFileError, safe_torch_load, weights_only_loads  # noqa: F401
 from engine.faults import fault
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-COMPLETE = "COMPLETE"
 
 
 def _barrier() -> None:
@@ -78,10 +77,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def is_complete(ckpt_dir: str) -> bool:
-    return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
 
 
 class CheckpointSaveError(RuntimeError):
@@ -295,7 +290,7 @@ def save(engine, root: str, tag: str, state: Dict[str, Any], extra_writer=None, 
     if rank == 0:
         if fault("crash_in_save") == tag:
             os._exit(86)  # die after the shards are written but before the checkpoint is marked complete
-        _atomic_write(os.path.join(final, "engine_state.json"), json.dumps(state, indent=2))
+        _atomic_write(os.path.join(final, ENGINE_STATE), json.dumps(state, indent=2))
         _atomic_write(os.path.join(final, COMPLETE), "")
         _atomic_write(os.path.join(root, "latest"), tag)
     _barrier()
@@ -419,7 +414,7 @@ def _repair_universal_load(optimizer, decays: List[Optional[float]]) -> None:
 
 def read_state(ckpt_dir: str) -> Dict[str, Any]:
     """The engine state a checkpoint was saved with (step, epoch, position, layout, recipe)."""
-    with open(os.path.join(ckpt_dir, "engine_state.json"), "r", encoding="utf-8") as f:
+    with open(os.path.join(ckpt_dir, ENGINE_STATE), "r", encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -432,7 +427,6 @@ def prune(root: str, keep_last: int, protect: List[str]) -> None:
         d = os.path.join(root, name)
         if name == "best" or os.path.islink(d) or name in protect or not is_complete(d):
             continue
-        with open(os.path.join(d, "engine_state.json"), "r", encoding="utf-8") as f:
-            tags.append((json.load(f)["global_step"], name))
+        tags.append((read_state(d)["global_step"], name))
     for _, name in sorted(tags)[:-keep_last]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
