@@ -33,12 +33,17 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
     anyway, so building in it gives the same weights with half the host memory per rank while a checkpoint
     loads (8 ranks x a 7B model: about 110 GiB instead of 220). Export and evaluation keep fp32, so weights
     consolidated from fp32 master copies are not rounded. ``device``: a checkpoint's weights load straight onto
-    it (engine/train.py passes the rank's GPU under ZeRO-1/2)."""
+    it, a random real-size model is drawn on it (engine/train.py passes the rank's GPU under ZeRO-1/2).
+
+    A random real-size model (``pretrained: random``) is always drawn in the run's precision, its weights depend
+    on it: export and evaluation, which ask for fp32, get the training run's weights cast to fp32."""
     m = recipe.model
     entry = MODELS.get(m.arch)
     # A saved adapter is merged into the base after building, so the base is built without new LoRA layers.
     lora = dataclasses.asdict(m.lora) if m.lora is not None and not m.adapter else None
     pretrained = m.finetuned if m.load_finetuned else m.pretrained
+    want = dtype or torch.float32
+    drawn = DTYPES[recipe.run.precision] if pretrained == "random" and m.model_type != "tiny" else want
     model = entry(
         model_type=m.model_type,
         pretrained=pretrained,
@@ -54,11 +59,14 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
         lora=lora,
         load_in_8bit=m.load_in_8bit,
         load_in_4bit=m.load_in_4bit,
-        torch_dtype=dtype or torch.float32,
+        torch_dtype=drawn,
         trust_remote_code=m.trust_remote_code,
         seed=recipe.run.seed,
         device=device,
     )
+    if drawn != want and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        for p in model.parameters():  # parameters only, as DeepSpeed casts (see build_vlm)
+            p.data = p.data.to(want)
     if m.adapter:
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(f"model.adapter={m.adapter}: an adapter cannot be merged into a ZeRO-3-partitioned "

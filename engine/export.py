@@ -65,8 +65,8 @@ def load_checkpoint_model(ckpt: str, recipe: Optional[Mapping[str, Any]] = None,
         recipe_dict.setdefault("model", {}).update(pretrained=os.path.abspath(base), load_finetuned=False,
                                                    finetuned=None)
     parsed = parse_saved_recipe(recipe_dict, source=os.path.join(ckpt_dir, ENGINE_STATE))
-    model = build_model(parsed)
     frozen_saved = state.get("frozen_saved", True)
+    model = build_model(parsed, device=seeded_base_device(state, ckpt_dir) if not frozen_saved else None).cpu()
     info_base = None
     if not frozen_saved:
         current = describe_base(parsed.to_dict()["model"], parsed.run.seed, parsed.run.precision, model)
@@ -92,6 +92,22 @@ def load_checkpoint_model(ckpt: str, recipe: Optional[Mapping[str, Any]] = None,
     if info_base is not None:
         info["base"] = info_base
     return model, recipe_dict, info
+
+
+def seeded_base_device(state: Mapping[str, Any], ckpt_dir: str) -> Optional[str]:
+    """Where a checkpoint's random real-size base must be drawn again: on the device type it was drawn on
+    (the CPU's and CUDA's generators give other numbers from one seed); None for the host."""
+    base = state.get("base") or {}
+    device = base.get("device", "cpu") if base.get("kind") == "seeded" else "cpu"
+    if device == "cpu":
+        return None
+    import torch  # here, not at the top: only this case needs to know the machine's devices
+
+    if device != "cuda" or not torch.cuda.is_available():
+        raise ExportError(f"{ckpt_dir}: its frozen weights are {base.get('path')}, which only a {device} device "
+                          f"draws again, and this machine has none; run this on a machine with one, or train "
+                          f"with run.save_frozen=true so the checkpoint holds them")
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 def export_checkpoint(ckpt: str, out_dir: str, *, merge: bool = True, dtype: str = "fp32",

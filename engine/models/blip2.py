@@ -12,6 +12,7 @@ import copy
 import inspect
 import json
 import os
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -65,11 +66,19 @@ def _init_query_tokens(hf: nn.Module, std: float) -> None:
         hf.query_tokens.normal_(0.0, std)
 
 
-def random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
-    # `_from_config` honours a live HfDeepSpeedConfig (ZeRO-3 partitions while building).
-    # The seed is applied on a forked RNG so building a model does not move the caller's RNG.
+def random_model(cls, config, dtype: torch.dtype, seed: int, device: Optional[str] = None) -> nn.Module:
+    """`cls` built from `config` with random weights drawn from `seed`, made directly in `dtype` on `device`
+    (None: the default device, or the caller's `torch.device` context, e.g. meta for the planner).
+
+    The weights depend on the seed, the dtype they are drawn in and the device type (the CPU's and CUDA's
+    generators differ): the same three give the same weights. `_from_config` honours a live HfDeepSpeedConfig
+    (ZeRO-3 partitions while building). The seed is applied on a forked RNG so building a model does not move
+    the caller's RNG."""
+    target = torch.device(device) if device is not None else None
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    if target is not None and target.type == "cuda" and target.index is not None and target.index not in devices:
+        devices.append(target.index)
+    with torch.random.fork_rng(devices=devices), (torch.device(target) if target is not None else nullcontext()):
         torch.manual_seed(seed)
         hf = cls._from_config(config, dtype=dtype)
         _init_query_tokens(hf, config.initializer_range)
@@ -80,7 +89,8 @@ def random_model(cls, config, dtype: torch.dtype, seed: int) -> nn.Module:
 def _untie_t5_head(hf: nn.Module) -> None:
     """Flan-T5's LM head is its own weight (`tie_word_embeddings: false` in the official configs), but
     transformers 5 ties every T5 built from a config; give a random Flan-T5 its own head, drawn as T5
-    initialises an untied one. (Loaded checkpoints keep their own head: transformers unties it then.)"""
+    initialises an untied one, in the head's dtype on its device (no other copy).
+    (Loaded checkpoints keep their own head: transformers unties it then.)"""
     lm = hf.language_model
     cfg = hf.config.text_config
     if cfg.model_type != "t5" or getattr(cfg, "scale_decoder_outputs", True):
@@ -90,8 +100,9 @@ def _untie_t5_head(hf: nn.Module) -> None:
         return
     if hasattr(head.weight, "ds_id"):
         raise ValueError("a random Flan-T5 cannot be untied under ZeRO-3; build it with ZeRO-2 or load a folder")
-    weight = torch.empty_like(head.weight, dtype=torch.float32).normal_(0.0, float(cfg.initializer_factor))
-    head.weight = nn.Parameter(weight.to(head.weight.dtype))
+    with torch.no_grad():
+        weight = torch.empty_like(head.weight).normal_(0.0, float(cfg.initializer_factor))
+    head.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
     # transformers re-ties from these when the model is moved/reloaded; the head has left the set.
     tied = getattr(lm, "_tied_weights_keys", None)
     if isinstance(tied, dict):
@@ -269,8 +280,10 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
               seed: int = 0, device: Optional[str] = None) -> VisionLanguageModel:
     """Build `arch` / `model_type`. `pretrained`: a local HF checkpoint folder, or "random" for the
     real architecture with random weights; `tiny` without a folder builds seeded random weights.
-    `device`: where a checkpoint's weights load to, in `torch_dtype`, straight from its files (None: the host).
-    Random weights are always made on the host, so a seed gives the same weights on any machine."""
+    `device`: where the weights go, in `torch_dtype`: a checkpoint's straight from its files, a random real-size
+    model's drawn there (None: the host, or the caller's `torch.device` context). Seeded tiny weights are always
+    drawn in fp32 on the host, so a seed gives them the same on any machine; a random real-size model's depend
+    on the dtype and the device type too."""
     spec = ARCHS[arch]
     if model_type not in spec.zoo:
         near = close_matches(model_type, spec.zoo)
@@ -295,11 +308,18 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
             config_cls = InstructBlipConfig if spec.instruct else Blip2Config
             config = config_cls(**copy.deepcopy(entry.config),
                                 image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        # Initialised in fp32 whatever `dtype` is, so a seed gives the same weights in every precision.
-        hf = random_model(cls, config, torch.float32, seed)
-        if dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in hf.parameters()):
-            for p in hf.parameters():  # parameters only, as DeepSpeed casts: fp32 buffers (rotary) stay
-                p.data = p.data.to(dtype)
+        if model_type == "tiny":
+            # Seeded tiny weights are drawn in fp32 on the host whatever `dtype` and `device` are, so a seed gives
+            # the same weights in every precision and on every machine (tests, goldens and resume rely on it).
+            hf = random_model(cls, config, torch.float32, seed)
+            if dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in hf.parameters()):
+                for p in hf.parameters():  # parameters only, as DeepSpeed casts: fp32 buffers (rotary) stay
+                    p.data = p.data.to(dtype)
+        else:
+            # The real size is drawn directly in `dtype` on `device`: never a full fp32 copy, nor one on the host
+            # when a GPU is given (a 7B model in fp32 is 28 GB per rank). Its weights depend on the seed, the
+            # dtype and the device type (see `random_model`).
+            hf = random_model(cls, config, dtype, seed, device=device)
     else:
         _check_checkpoint(arch, model_type, entry, pretrained, spec)
         hf, tokenizer, qformer_tokenizer = _load_pretrained(cls, pretrained, spec, dtype, quant, trust_remote_code,

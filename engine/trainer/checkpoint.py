@@ -159,7 +159,9 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     loading). A folder is fingerprinted by :func:`folder_fingerprint`; seeded random weights (a tiny
     model without a folder, ``pretrained: random``) by a hash of their values in the run's precision,
     unless they were initialised partitioned (ZeRO-3), which no seed reproduces: ``reproducible``
-    is then false and the frozen weights must be saved.
+    is then false and the frozen weights must be saved. A random real-size model is drawn in the run's
+    precision on the rank's device (engine/models/blip2.py ``random_model``), so its base also records the
+    device type (``device``): only the same seed, precision and device type draw the same weights again.
     """
     pretrained = model_cfg.get("finetuned") if model_cfg.get("load_finetuned") else model_cfg.get("pretrained")
     frozen = _frozen_named(model)
@@ -170,13 +172,16 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     else:
         what = f"{model_cfg.get('arch')}/{model_cfg.get('model_type')} random weights from seed {seed}"
         base = {"kind": "seeded", "path": what, "seed": seed}
+        if model_cfg.get("model_type") != "tiny":
+            device = next((p.device.type for _, p in frozen), "cpu")
+            base.update(path=f"{what} ({precision}, drawn on {device})", device=device)
         if any(hasattr(p, "ds_id") for _, p in frozen):
             base.update(reproducible=False, fingerprint=None)
         else:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             h = hashlib.sha256()
             for name, p in frozen:
-                t = p.detach().to(dtype).contiguous()
+                t = p.detach().to(dtype).cpu().contiguous()  # one tensor at a time off a GPU
                 h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy
             base.update(reproducible=True, fingerprint=h.hexdigest())
