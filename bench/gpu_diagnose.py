@@ -248,8 +248,8 @@ def diagnose(recipe_path: str, options: List[str], *, tiny: bool, batches=(8, 32
     normalize_cuda_arch_list()
     ds_config = fill_ds_config(recipe, world_size=1, on_cpu=not cuda)
     t0 = time.perf_counter()
-    with torch.device("cuda") if cuda else contextlib.nullcontext():  # random weights made on the device
-        model = build_model(recipe, dtype=DTYPES[r.precision])
+    # As engine/train.py under ZeRO-1/2: random real-size weights drawn on the device in the run's dtype.
+    model = build_model(recipe, dtype=DTYPES[r.precision], device="cuda:0" if cuda else None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, r.weight_decay),
                                            config=ds_config, lr_scheduler=lr_scheduler_factory(recipe, 10 ** 6, 10 ** 6))
     build_s = time.perf_counter() - t0

@@ -122,7 +122,8 @@ def worker(args) -> dict:
         hf_ds = HfDeepSpeedConfig(ds_config)  # partition while building, as engine/train.py does
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[r.precision]
     t0 = time.perf_counter()
-    model = build_model(recipe, dtype=dtype)  # as engine/train.py builds it
+    # As engine/train.py builds it: in the run's dtype, on the GPU under ZeRO-1/2 (partitioned under ZeRO-3).
+    model = build_model(recipe, dtype=dtype, device=str(device) if cuda and hf_ds is None else None)
     total = args.warmup + args.steps
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, r.weight_decay),
                                            config=ds_config, lr_scheduler=lr_scheduler_factory(recipe, total, total))

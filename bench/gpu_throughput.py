@@ -20,8 +20,8 @@ model config by bench/flops.py (every matmul, 2 FLOPs per multiply-add; the back
 matmul: input gradients where something upstream trains, weight gradients where the weight trains; see
 its docstring), for the batch's real sequence length; the count is printed with the result.
 
-Without CUDA it exits with status 2 and says so. Each loop builds its own 3.9B-parameter model in fp32 on
-the host first (as engine/train.py does), so expect ~50 GiB of host memory and a few minutes of set-up.
+Without CUDA it exits with status 2 and says so. Each loop builds its own 3.9B-parameter model directly on the
+GPU in bf16 (as engine/train.py does: no copy on the host).
 """
 from __future__ import annotations
 

@@ -194,6 +194,7 @@ def measure(recipe: str = DEFAULT_RECIPE, *, engine: str = ROOT, ranks: int = 1,
     if len(peaks) != ranks:
         raise RuntimeError(f"found {len(peaks)} rank process(es), expected {ranks}")
     result = {"recipe": os.path.relpath(recipe, ROOT), "engine": engine, "commit": _commit(engine), "ranks": ranks,
+              "device": _device(),
               "smoke": smoke, "options": list(options), "launch_to_first_step_s": round(found_at[0], 2),
               "startup_total_s": report["total_s"], "stages": report["stages"],
               "host_peak_mib_per_rank": [round(peaks[p], 1) for p in sorted(peaks)],
@@ -201,6 +202,12 @@ def measure(recipe: str = DEFAULT_RECIPE, *, engine: str = ROOT, ranks: int = 1,
     log(f"launch to first step {result['launch_to_first_step_s']:.1f} s; {report['stages']}; host peak per rank "
         f"{', '.join(f'{v / 1024:.2f} GiB' for v in result['host_peak_mib_per_rank'])}")
     return result
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def _free_port() -> int:
@@ -219,7 +226,8 @@ def _commit(path: str) -> Optional[str]:
         return None
 
 
-STAGES = ("config", "imports and set-up", "distributed init", "model build/load", "datasets", "DeepSpeed init")
+STAGES = ("config", "imports and set-up", "distributed init", "model build/load", "base fingerprint", "datasets",
+          "DeepSpeed init")
 
 
 def table(results: List[Dict[str, Any]]) -> str:
@@ -235,10 +243,19 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 
 def section(results: List[Dict[str, Any]], command: str, machine: str) -> str:
-    return (f"{SECTION}\n\n`{command}` on {machine}: {results[-1]['recipe']} with `model.pretrained: random` "
-            f"(its real architecture), {results[-1]['ranks']} rank(s), launched as a user would and stopped at the "
-            f"engine's start-up report, just before the first step. The host peak is VmHWM of each rank's "
-            f"process.\n\n{table(results)}\n")
+    r = results[-1]
+    text = (f"{SECTION}\n\n`{command}` on {machine}: {r['recipe']} with `model.pretrained: random` (its real "
+            f"architecture), {r['ranks']} rank(s), launched as a user would and stopped at the engine's start-up "
+            f"report, just before the first step (\"-\": a stage that run did not report). The host peak is VmHWM "
+            f"of each rank's process.\n\n{table(results)}\n")
+    if r.get("device", "cpu") == "cpu":
+        text += ("\nOn this CPU-only machine the rank's device is the host, so the bf16 model itself stays in the "
+                 "host peak. On a GPU (not measured here) engine/train.py draws the weights on the rank's GPU "
+                 "under ZeRO-1/2 and partitions them while building under ZeRO-3: the host peak per rank would be "
+                 "the process alone (Python, torch, the CUDA host side) plus one tensor at a time for the base "
+                 "fingerprint, and the draw runs at GPU speed instead of on one CPU core; the fp32 host build it "
+                 "replaces also had to be copied to the GPU by DeepSpeed.\n")
+    return text
 
 
 def main(argv=None) -> int:

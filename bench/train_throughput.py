@@ -344,7 +344,9 @@ def worker(method: str, bench: Bench, n_samples: int, out_dir: str, port: int, c
 
         init_distributed()
         deepspeed.runtime.utils.set_random_seed(recipe.run.seed)
-        model = build_model(recipe, dtype=DTYPES[recipe.run.precision])  # as engine/train.py builds it
+        # As engine/train.py builds it: in the run's dtype, on the rank's GPU (ZeRO-1/2), if there is one.
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else None
+        model = build_model(recipe, dtype=DTYPES[recipe.run.precision], device=device)
         prompt = recipe.model.prompt
         data = SyntheticCaptions(n_samples, bench.image_size, prompt, seed=recipe.run.seed,
                                  length_of=lambda t: model.build_inputs([prompt], [t])["input_ids"].shape[1])

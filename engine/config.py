@@ -61,8 +61,10 @@ class ModelConfig:
     model_type: str = doc("Zoo entry of the arch (e.g. pretrain_opt2.7b, caption_coco_opt2.7b, tiny).")
     pretrained: Optional[str] = doc(
         "Local folder with the Hugging Face checkpoint of model_type; 'random' builds the real "
-        "architecture with random weights (memory/throughput studies). A tiny type builds seeded random "
-        "weights unless this names a folder (e.g. one written by tools/export_hf.py).",
+        "architecture with random weights (memory/throughput studies), drawn in run.precision on each "
+        "rank's device: the seed, precision and device type (CPU or CUDA) decide them. A tiny type builds "
+        "seeded random weights (fp32 on the host, the same everywhere) unless this names a folder (e.g. "
+        "one written by tools/export_hf.py).",
         None,
     )
     load_finetuned: bool = doc("Start from `finetuned` (a checkpoint of this engine) instead of `pretrained`.", False)

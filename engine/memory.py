@@ -94,8 +94,8 @@ def zero_model_states(*, total: int, trainable: int, stage: int, gpus_per_node: 
     `total` parameters, of which `trainable` go to the optimizer; `weight_bytes` is the memory of
     all weights in the run's precision (default 2 B/param in bf16/fp16, 4 in fp32). CPU memory is
     per node, GPU memory per GPU. `build_bytes` per parameter is what each rank holds while it builds
-    the model before DeepSpeed partitions it (4: fp32, DeepSpeed's assumption; the engine builds real
-    weights in the run's precision, 2 B). With every parameter trainable in 16-bit and the default
+    the model before DeepSpeed partitions it (4: fp32, DeepSpeed's assumption; the engine builds in the run's
+    precision, straight onto the GPU under ZeRO-1/2: `plan` passes one tensor's worth). With every parameter trainable in 16-bit and the default
     `build_bytes` this equals `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`.
     """
     total_gpus = gpus_per_node * nodes
@@ -370,7 +370,9 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_mem_gb: float = 24.0, nodes: int = 1
         total=total, trainable=trainable, stage=ds["stage"], gpus_per_node=gpus, nodes=nodes,
         offload_optimizer=ds["offload_optimizer"], offload_param=ds["offload_param"],
         largest_layer=f.largest_layer, weight_bytes=weight_bytes, precision=r.precision,
-        build_bytes=weight_bytes / total)  # engine/train.py builds in the run's precision (8/4-bit: quantised)
+        # Under ZeRO-1/2 engine/train.py builds (loads, or draws random weights) straight onto each rank's GPU in
+        # the run's precision: the host holds one tensor at a time. ZeRO-3 partitions while building.
+        build_bytes=(wb * f.largest_layer if ds["stage"] <= 2 else weight_bytes) / total)
     work = Workload(batch=r.batch_size_train, image_size=model_image_size(recipe), max_txt_len=m.max_txt_len,
                     grad_checkpoint=m.use_grad_checkpoint, precision=r.precision,
                     checkpoint_qformer=m.checkpoint_qformer, checkpoint_llm=m.checkpoint_llm)

@@ -170,7 +170,8 @@ def run(args) -> int:
         hf_ds = HfDeepSpeedConfig(ds_config)
     try:  # built in the run's precision: DeepSpeed would cast an fp32 build anyway (half the host memory)
         with clock.stage("model build/load"):
-            # ZeRO-1/2 on a GPU: a checkpoint loads straight onto this rank's device (ZeRO-3 partitions it above).
+            # ZeRO-1/2 on a GPU: a checkpoint loads, a random real-size model is drawn, straight onto this rank's
+            # device (ZeRO-3 partitions either above). Never a whole fp32 copy on the host.
             device = None if on_cpu or zero_stage(ds_config) == 3 else get_accelerator().current_device_name()
             model = build_model(recipe, dtype=DTYPES[r.precision], device=device)
     except CheckpointMismatchError as e:
@@ -182,7 +183,8 @@ def run(args) -> int:
     for part, n in model.parameter_summary().items():
         logger.info("parameters %-7s %14s total %14s trainable", part, f"{n['total']:,}", f"{n['trainable']:,}")
     # The base of the frozen weights: checkpoints name it instead of holding its weights (checkpoint.py).
-    base = describe_base(recipe.to_dict()["model"], r.seed, r.precision, model)
+    with clock.stage("base fingerprint"):  # seeded weights are hashed: seconds at real size
+        base = describe_base(recipe.to_dict()["model"], r.seed, r.precision, model)
     if not base["reproducible"] and not r.save_frozen:
         logger.info("the frozen weights (%s) cannot be rebuilt from a seed: every checkpoint holds them", base["path"])
     if resume_from:

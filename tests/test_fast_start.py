@@ -148,6 +148,10 @@ def test_random_base_is_recognised_by_resume_and_export(small_zoo):
     assert describe_base(cfg, recipe.run.seed, "bf16", exported)["fingerprint"] == base["fingerprint"]
     other = describe_base(cfg, recipe.run.seed, "bf16", build_model(_recipe("run.seed=7"), dtype=torch.bfloat16))
     assert other["fingerprint"] != base["fingerprint"]
+    frozen = next(p for p in trained.parameters() if not p.requires_grad)  # another draw of one tensor
+    with torch.no_grad():
+        frozen.copy_(torch.randn_like(frozen))
+    assert describe_base(cfg, recipe.run.seed, "bf16", trained)["fingerprint"] != base["fingerprint"]
 
 
 def test_export_redraws_a_random_base_only_on_its_device_type(monkeypatch):

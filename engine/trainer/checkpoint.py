@@ -151,6 +151,15 @@ def _frozen_named(module) -> List[tuple]:
     return [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
 
 
+def _sampled(t, n: int = 2048):
+    """The first and last `n` values of `t` and `n` more at an even stride (all of a small tensor)."""
+    flat = t.reshape(-1)
+    if flat.numel() <= 3 * n:
+        return flat
+    stride = torch.linspace(0, flat.numel() - 1, n, device=flat.device).long()
+    return torch.cat([flat[:n], flat[stride], flat[-n:]])
+
+
 def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -> Dict[str, Any]:
     """Where a run's frozen weights come from, with a fingerprint to recognise it later.
 
@@ -161,7 +170,8 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     unless they were initialised partitioned (ZeRO-3), which no seed reproduces: ``reproducible``
     is then false and the frozen weights must be saved. A random real-size model is drawn in the run's
     precision on the rank's device (engine/models/blip2.py ``random_model``), so its base also records the
-    device type (``device``): only the same seed, precision and device type draw the same weights again.
+    device type (``device``): only the same seed, precision and device type draw the same weights again. Its
+    hash reads samples of each tensor (``hashed``), not all of its values: seconds less at every start.
     """
     pretrained = model_cfg.get("finetuned") if model_cfg.get("load_finetuned") else model_cfg.get("pretrained")
     frozen = _frozen_named(model)
@@ -172,17 +182,21 @@ def describe_base(model_cfg: Dict[str, Any], seed: int, precision: str, model) -
     else:
         what = f"{model_cfg.get('arch')}/{model_cfg.get('model_type')} random weights from seed {seed}"
         base = {"kind": "seeded", "path": what, "seed": seed}
-        if model_cfg.get("model_type") != "tiny":
+        real_size = model_cfg.get("model_type") != "tiny"
+        if real_size:
             device = next((p.device.type for _, p in frozen), "cpu")
-            base.update(path=f"{what} ({precision}, drawn on {device})", device=device)
+            base.update(path=f"{what} ({precision}, drawn on {device})", device=device, hashed="sampled values")
         if any(hasattr(p, "ds_id") for _, p in frozen):
             base.update(reproducible=False, fingerprint=None)
         else:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             h = hashlib.sha256()
             for name, p in frozen:
-                t = p.detach().to(dtype).cpu().contiguous()  # one tensor at a time off a GPU
-                h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+                # A random real-size base is hashed on samples of each tensor (its ends and an even stride):
+                # weights drawn from a seed differ everywhere when the seed, dtype, device type or init code
+                # differ, and hashing all of a 7B model would add seconds to every start (and a copy off a GPU).
+                t = (_sampled(p.detach()) if real_size else p.detach()).to(dtype).cpu().contiguous()
+                h.update(f"{name}\0{tuple(p.shape)}\0{t.dtype}\0".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy
             base.update(reproducible=True, fingerprint=h.hexdigest())
     if model_cfg.get("adapter"):  # an adapter merged into the base before training is part of it
