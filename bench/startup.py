@@ -231,11 +231,14 @@ STAGES = ("config", "imports and set-up", "distributed init", "model build/load"
 
 
 def table(results: List[Dict[str, Any]]) -> str:
-    head = ("| run | launch to first step (s) | " + " | ".join(f"{s} (s)" for s in STAGES)
+    """One row per result; a column per stage any of them reported (the usual ones first)."""
+    names = list(STAGES) + [s for r in results for s in r["stages"] if s not in STAGES]
+    names = [s for s in dict.fromkeys(names) if any(s in r["stages"] for r in results)]
+    head = ("| run | launch to first step (s) | " + " | ".join(f"{s} (s)" for s in names)
             + " | host peak per rank (GiB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
-        stages = [r["stages"].get(s) for s in STAGES]
+        stages = [r["stages"].get(s) for s in names]
         peak = ", ".join(f"{v / 1024:.2f}" for v in r["host_peak_mib_per_rank"])
         lines.append(f"| {r.get('label') or r.get('commit') or '-'} | {r['launch_to_first_step_s']:.1f} | "
                      + " | ".join("-" if s is None else f"{s:.1f}" for s in stages) + f" | {peak} |")

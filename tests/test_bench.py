@@ -72,3 +72,35 @@ def test_gpu_diagnosis_sweep_logic_on_the_cpu(tmp_path):
     # recomputing the LLM adds its forward's ops to the step
     assert rows[2]["kernels_per_step"] > rows[0]["kernels_per_step"]
     assert "| auto (16) |" in proc.stdout
+
+
+def test_startup_report_line_and_peak_reading():
+    bench = _load("startup")
+    line = ("2026-12-01 17:58:20 INFO start-up took 52.0 s: config 1.0 s, imports and set-up 2.7 s, distributed init "
+            "0.1 s, model build/load 41.0 s, base fingerprint 5.7 s, datasets 0.1 s, DeepSpeed init 2.3 s\n")
+    got = bench.parse_startup(line)
+    assert got["total_s"] == 52.0 and got["stages"]["model build/load"] == 41.0 and len(got["stages"]) == 7
+    assert bench.parse_startup("step 1 epoch 0 loss 3.2") is None
+    big = b"\1" * (256 * 2 ** 20)  # written, so resident: the peak resident set holds it
+    assert bench.peak_rss_mib(os.getpid()) > 256
+    del big
+    assert bench.rank_pids(os.getpid()) == []  # pytest is no engine/train.py and has started none
+
+
+def test_startup_smoke_launches_the_engine_and_writes_its_section(tmp_path):
+    """bench/startup.py --smoke: engine/train.py on the tiny model, stopped at its start-up report."""
+    bench = _load("startup")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Data pipeline\n\nkeep me\n")
+    out = tmp_path / "r.json"
+    assert bench.main(["--smoke", "--json", str(out), "--label", "smoke", "--write", str(doc)]) == 0
+    r = json.loads(out.read_text())
+    assert {"config", "distributed init", "model build/load", "base fingerprint", "datasets",
+            "DeepSpeed init"} <= set(r["stages"])
+    assert r["launch_to_first_step_s"] >= r["startup_total_s"] > 0
+    assert abs(sum(r["stages"].values()) - r["startup_total_s"]) < 0.1 * len(r["stages"])
+    (peak,) = r["host_peak_mib_per_rank"]
+    assert 300 < peak < 8000  # one process with torch, DeepSpeed and the tiny model
+    text = doc.read_text()
+    assert "keep me" in text and text.count("## Start-up") == 1 and "| smoke |" in text
+    assert "python bench/startup.py --smoke" in text

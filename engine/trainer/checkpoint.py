@@ -156,7 +156,7 @@ def _sampled(t, n: int = 2048):
     flat = t.reshape(-1)
     if flat.numel() <= 3 * n:
         return flat
-    stride = torch.linspace(0, flat.numel() - 1, n, device=flat.device).long()
+    stride = torch.arange(n, device=flat.device) * (flat.numel() - 1) // (n - 1)  # int64: exact at any size
     return torch.cat([flat[:n], flat[stride], flat[-n:]])
 
 
