@@ -96,6 +96,28 @@ def test_random_real_size_is_drawn_in_the_run_dtype_with_no_fp32_copy(arch, smal
         assert 0.95 < head.float().std().item() < 1.05
 
 
+class HostAllocations(Float32Allocations):
+    """Bytes of every new tensor, of any dtype, made off the meta device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def test_with_a_device_nothing_is_made_elsewhere_lora_included(small_zoo):
+    """Given a device (meta here: any other allocation would be a real one), the weights, buffers and LoRA
+    adapters of a random real-size model are all made there."""
+    with HostAllocations() as host:
+        model = _build("blip2_opt", model_type="small_real", pretrained="random", torch_dtype=torch.bfloat16,
+                       device="meta", lora={"r": 4, "alpha": 8})
+    lora = [p for n, p in model.hf.named_parameters() if "lora_" in n]
+    assert lora and all(p.is_meta and p.dtype == torch.bfloat16 for p in lora)
+    assert host.bytes == 0, host.bytes  # (without the device around LoRA: its adapters, 24 KiB here)
+
+
 def test_the_allocation_count_sees_an_fp32_build(small_zoo):
     """The counter is not blind: the seeded tiny model, drawn in fp32 and then cast, shows its fp32 copy."""
     with Float32Allocations() as fp32:

@@ -332,7 +332,11 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
     lora_parts: List[str] = []
     if lora:
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
-        lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
+        # On the device the weights are on, so a real-size model's adapters never pass through the host (the
+        # seeded tiny ones are drawn on the host with the rest of the tiny weights).
+        on_device = device is not None and model_type != "tiny"
+        with torch.device(device) if on_device else nullcontext():
+            lora_parts = apply_lora(parts, spec.family, lora, dtype=dtype if dtype != torch.float32 else None)
     set_trainable(hf, freeze_vit, freeze_qformer, freeze_llm, lora_parts)
     if use_grad_checkpoint or checkpoint_qformer or checkpoint_llm:
         _enable_checkpointing(hf, vision=use_grad_checkpoint, qformer=checkpoint_qformer, llm=checkpoint_llm)
