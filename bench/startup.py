@@ -20,7 +20,8 @@ and stops the run there (nothing is trained or saved):
 - host peak per rank: VmHWM (the peak resident set) of each rank's process, from /proc/<pid>/status, read
   until the line appears. It covers every host copy the rank made of the weights; GPU memory is not in it.
 
-One real-size process at a time: two ranks of a 3.9B model need twice the host memory.
+`--options model.pretrained=/data/hf/blip2-opt-2.7b-coco` measures a checkpoint's load instead (later options
+win). One real-size process at a time on a small machine: on a CPU every rank holds the whole model.
 """
 from __future__ import annotations
 
