@@ -440,3 +440,47 @@ def test_a_checkpoint_loads_straight_into_the_run_dtype_on_the_given_device(tmp_
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     for (name, a), (_, b) in zip(saved.hf.named_parameters(), loaded.hf.named_parameters()):
         torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["blip2_t5", "blip2_t5_instruct", "blip2_vicuna_instruct"])
+def test_lean_norms_and_shared_t5_bias_give_transformers_loss_and_gradients(arch):
+    """The T5/LLaMA RMS norms with one backward per norm and the T5 attention that merges its position
+    bias and mask once per stack: the same loss (bitwise, dropout on) and gradients as transformers' own
+    modules, with fewer kernels in the step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
+
+    from engine.models.attention import SHARED_BIAS_SDPA
+    from engine.models.norms import LeanLlamaRMSNorm, LeanT5LayerNorm
+    from helpers import load_script
+
+    op_counter = load_script("bench", "step_ops").op_counter
+
+    lean = build(arch, freeze_llm=False).train()
+    norms = [m for m in lean.hf.language_model.modules() if isinstance(m, (LeanT5LayerNorm, LeanLlamaRMSNorm))]
+    assert norms and all(isinstance(m, (T5LayerNorm, LlamaRMSNorm)) for m in norms)
+    attn = [m for m in lean.hf.language_model.modules() if isinstance(m, T5Attention)]
+    assert all(m.config._attn_implementation == SHARED_BIAS_SDPA for m in attn) and bool(attn) == ("t5" in arch)
+    assert lean.hf.config.text_config._attn_implementation == "sdpa"  # what an exported config.json says
+    plain = build(arch, freeze_llm=False).train()
+    for m in plain.hf.language_model.modules():  # back to transformers' own classes and dispatch
+        if isinstance(m, (LeanT5LayerNorm, LeanLlamaRMSNorm)):
+            m.__class__ = m.__class__.__bases__[0]
+        if isinstance(m, T5Attention):
+            m.config._attn_implementation = "sdpa"
+    inputs = lean.build_inputs(PROMPTS, TARGETS, lean=True)
+    results = []
+    for model in (lean, plain):
+        torch.manual_seed(3)
+        dispatch, _, ops = op_counter()
+        with dispatch:
+            loss = model(images(), inputs=inputs)
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, ops["kernels"]))
+    (loss_a, grads_a, ops_a), (loss_b, grads_b, ops_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any("language_model." in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ops_a <= ops_b - 4 * len(norms), (ops_a, ops_b)

@@ -1,18 +1,14 @@
 """The training step stays bound by the device: host reads and aten ops per optimizer step, counted through
 the real loop (engine/train.py) on the CPU by bench/step_ops.py (TorchDispatchMode + TorchFunctionMode)."""
-import importlib.util
 import os
 
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 def step_ops():
-    spec = importlib.util.spec_from_file_location("step_ops", os.path.join(ROOT, "bench", "step_ops.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench", "step_ops")
 
 
 def test_the_counter_sees_host_reads():

@@ -30,7 +30,9 @@ from transformers.utils import logging as hf_logging
 
 from engine.registry import close_matches
 
+from .attention import use_shared_bias_attention
 from .lora import apply_lora
+from .norms import use_lean_rms_norms
 from .parts import gathered, part_of
 from .quant import quantization_config
 from .tokenizer import IMAGE_TOKEN, local_tokenizer
@@ -309,6 +311,9 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
 
     if image_size is not None and int(image_size) != vit_image_size(hf.config):
         resize_vision(hf, int(image_size))
+    if spec.family == "t5":
+        use_shared_bias_attention(hf.language_model)  # the same attention, its mask built once per stack
+    use_lean_rms_norms(hf.language_model)  # T5 / LLaMA norms: the same output, one backward per norm
     lora_parts: List[str] = []
     if lora:
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
