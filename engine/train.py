@@ -84,7 +84,8 @@ def run(args) -> int:
     # 1. Config: every problem is reported before anything heavy is imported or built.
     with clock.stage("config"):
         recipe = load_recipe(args.recipe, args.options)
-        if recipe.auto_batch:
+        auto_batch = recipe.auto_batch
+        if auto_batch:
             # Only for batch_size_train: auto: the planner builds the model on the meta device (transformers).
             from engine.memory import device_memory_gb, resolve_auto_batch
 
@@ -113,6 +114,8 @@ def run(args) -> int:
     from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir, init_distributed
     from engine.trainer.loop import Trainer, micro_batches_per_epoch, total_optimizer_steps
     from engine.trainer.optim import lr_scheduler_factory, param_groups
+    from engine.trainer.auto_batch import check_micro_batch
+    from engine.memory import device_memory_gb
 
     try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
@@ -218,6 +221,16 @@ def run(args) -> int:
             model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
             lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
         )
+    if auto_batch and not r.evaluate:
+        # The planner's micro batch, measured on this GPU with the model states in place; stepped down (the
+        # global batch, hence the schedule, kept) when a real step would not fit.
+        with clock.stage("micro batch check"):
+            if check_micro_batch(engine, recipe, world, device_memory_gb(), zero_stage(ds_config), logger.info):
+                micro = micro_batches_per_epoch(len(datasets[r.train_splits[0]]), world, r.batch_size_train,
+                                                r.accum_grad_iters)
+                if rank == 0:
+                    save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
+    with clock.stage("DeepSpeed init"):
         trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
                           output_dir=r.output_dir, base=base)
 
