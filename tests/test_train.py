@@ -126,3 +126,26 @@ def test_the_micro_batch_probe_trains_nothing_and_reaches_the_longest_texts():
     assert pixels.shape == (3, 3, model.image_size, model.image_size)
     assert inputs["input_ids"].shape[1] == model.num_query_tokens + 24  # the prompt, cut at max_txt_len
     assert inputs["labels"].shape == (3, 12)  # the target, cut at max_output_txt_len
+
+
+def test_a_failed_start_is_set_aside_so_the_corrected_command_runs_in_the_same_folder(tmp_path):
+    """A start that fails before its first step (here: no data where the recipe points, nothing to generate)
+    moves its config.yaml and train.log to failed-starts/<time>/ with the error; the corrected command then
+    runs in the same run.output_dir. A folder with a run in it is still refused."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]", "datasets.sherlock.synthetic=0",
+                       data_root=empty)
+    proc = run_train(bad)
+    assert proc.returncode == 2 and "can be used again" in proc.stderr
+    run = tmp_path / "run"
+    assert os.listdir(run) == ["failed-starts"]
+    (aside,) = (run / "failed-starts").iterdir()
+    assert sorted(os.listdir(aside)) == ["config.yaml", "train.log"]
+    assert "start failed: error:" in (aside / "train.log").read_text()
+    good = run_train(tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (run / "checkpoints").is_dir() and len(list((run / "failed-starts").iterdir())) == 1
+    again = run_train(tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]"))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (run / "checkpoints").is_dir() and len(list((run / "failed-starts").iterdir())) == 1
