@@ -440,3 +440,30 @@ def test_a_checkpoint_loads_straight_into_the_run_dtype_on_the_given_device(tmp_
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     for (name, a), (_, b) in zip(saved.hf.named_parameters(), loaded.hf.named_parameters()):
         torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_inputs_without_the_model_are_the_models(arch, tmp_path):
+    """build_text_inputs (the training collate's text side, for tools that need no network) makes exactly the
+    tensors the built model's own `text` makes, for the tiny model and for a checkpoint folder."""
+    from engine.models import build_text_inputs
+
+    model = build(arch, max_txt_len=12)
+    targets = TARGETS + ["a much longer target that runs past the twelve tokens of max_txt_len for sure"]
+    prompts = PROMPTS + [""]
+
+    def same(text, reference):
+        a, b = text.build_inputs(prompts, targets, lean=True), reference.build_inputs(prompts, targets, lean=True)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert vars(text).keys() == vars(reference).keys()
+
+    same(build_text_inputs(arch, model_type="tiny", max_txt_len=12), model.text)
+    if arch == "blip2_opt":
+        model.hf.config.image_token_index = None  # as in checkpoints older than the <image> placeholder
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    if model.instruct:
+        model.qformer_tokenizer.save_pretrained(tmp_path / "qformer_tokenizer")
+    official = next(t for t in MODELS.get(arch).zoo if t != "tiny")
+    loaded = build(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12)
+    same(build_text_inputs(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12), loaded.text)
