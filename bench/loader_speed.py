@@ -17,14 +17,14 @@ normalisation on the device (``on_device``), as in training. Only the data is ge
 folder (records, VCR and Visual Genome URL layout) whose JPEGs have the sizes of Sherlock's two sources:
 
 - VCR (movie frames; half of the images): 1920x1080, 1920x800 (2.39:1 films), 1280x720 and 1280x544, equal
-  shares. VCR's frames are at most 1920 px wide, the long side of a 1080p source.
-- Visual Genome (the other half; Flickr photos, e.g. image 1 is 800x600 in VG's image_data.json, and VG's
-  images are at most 800 px on the long side at the resolution VG distributes): 800x600, 600x800, 500x375 and
-  500x333, equal shares.
+  shares: frames of 1080p and 720p sources, up to 1920 px on the long side. The release states no size
+  distribution; this one is an assumption (frames differ by film), chosen large so worker counts err high.
+- Visual Genome (the other half; Flickr photos): 800x600, 600x800, 500x375 and 500x333, equal shares. VG's
+  image_data.json gives image 1 as 800x600; Sherlock's leaderboard README shows a VG image of 500x333.
 
 Sherlock's 103K images come from these two sources; the exact split between them is not stated in the release,
 so the mix is half and half (as engine/data/synthetic.py lays out its URLs). That is about 0.8 megapixels per
-image on average; decoding and region rendering cost in proportion to it, so a dataset richer in VCR frames is
+image on average; decoding and region rendering cost roughly in proportion to it, so a dataset richer in VCR frames is
 slower. Images are photo-like (a smooth colour field, shapes, sensor noise: bench/data_pipeline.py
 ``photo_like``), JPEG quality 90, each used by several records (Sherlock has about 3.5 per image); records have
 one box (one in five has two) of 10-60% of the image's width and height, a clue of 3-8 and an inference of 6-16
@@ -33,7 +33,9 @@ words.
 Measured: steady-state samples/s of the loader, from the first batch after ``--warmup`` batches to ``--batches``
 more (a multiple of the worker count, so the workers' rounds are whole), in wall-clock time, and the CPU time
 the workers spent meanwhile (read from /proc). The per-worker rate is measured with one worker and counted in
-that worker's CPU time (samples per CPU-second): what one core gives, whatever else runs on the machine. The
+that worker's CPU time (samples per CPU-second): what one core gives. Time other jobs hold the cores is left
+out, but their load still slows a core (shared caches, the host's other threads): on the shared 2-core machine
+of docs/benchmarks.md, runs at different loads moved it by up to about 30%. The
 workers a GPU needs = ceil(GPU samples/s x MARGIN / per-worker samples/s): one core per worker, plus the
 rank's own process. With more workers than cores (the recipes' 4 on a 2-core machine) the wall-clock rate is
 capped by the cores, not the workers; the table says how many cores the run had.
@@ -50,7 +52,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,7 +107,8 @@ def make_sherlock(root: str, train_file: str, *, images: int, records: int, size
         else:
             W, H = (VCR_SIZES if vcr else VG_SIZES)[(i // 2) % 4]
         if vcr:
-            folder, name = f"lsmdc_{1000 + i // 40:04d}_Bench", f"{1000 + i // 40:04d}_Bench_00.01.{i % 60:02d}.000@0.jpg"
+            movie = 1000 + i // 40
+            folder, name = f"lsmdc_{movie:04d}_Bench", f"{movie:04d}_Bench_00.01.{i % 60:02d}.000@0.jpg"
             url = f"http://s3-us-west-2.amazonaws.com/ai2-rowanz/vcr1images/{folder}/{name}"
             path = os.path.join(root, "vcr1images", folder, name)
         else:
@@ -225,7 +228,10 @@ def median_row(rounds: List[Dict]) -> Dict:
     row = dict(rounds[0])
     for key in ("samples_per_s", "samples_per_worker_cpu_s", "main_cpu_ms_per_batch"):
         row[key] = statistics.median(r[key] for r in rounds)
-    row["rounds"] = [{k: r[k] for k in ("samples", "wall_s", "worker_cpu_s")} for r in rounds]
+    keep = ("samples", "wall_s", "worker_cpu_s", "samples_per_s", "samples_per_worker_cpu_s")
+    row["rounds"] = [{k: r[k] for k in keep} for r in rounds]
+    spread = [r["samples_per_worker_cpu_s"] for r in rounds]
+    row["samples_per_worker_cpu_s_range"] = [min(spread), max(spread)]
     return row
 
 
@@ -259,7 +265,7 @@ def bench_recipe(path: str, args, log=print) -> Dict:
         for w in counts:
             runs[w].append(measure(recipe, w, batches[w], args.warmup, args.device, log=log))
     rows = [median_row(runs[w]) for w in counts]
-    per_worker = rows[0]["samples_per_worker_cpu_s"]
+    per_worker = rows[0]["samples_per_worker_cpu_s"]  # one worker: what one core gives, undisturbed by the others
     for row in rows:
         row.update(megapixels=made["megapixels"], jpeg_kb=made["jpeg_kb"], sizes=args.size_label,
                    per_worker=per_worker,
@@ -274,22 +280,27 @@ def _rate(g: float) -> str:
     return f"{g:g}"
 
 
-def section(results: List[Dict], gpu_rates: Sequence[float], command: str, cores: int) -> str:
+def section(results: List[Dict], gpu_rates: Sequence[float], command: str, cores: int, load: str) -> str:
     rates = ", ".join(_rate(g) for g in gpu_rates)
     lines = [
         SECTION,
         "",
         f"The samples/s a rank's training DataLoader delivers, next to the GPU's step rate; {machine()}; load "
-        f"average {load_average() or 'n/a'} after the run. bench/loader_speed.py's docstring says what runs (the "
-        f"trainer's own loader on the recipe's training split) and what the generated Sherlock images are.",
+        f"average (1/5/15 min) {load}. bench/loader_speed.py's docstring says what runs (the trainer's own loader "
+        f"on the recipe's training split, no model) and what the generated Sherlock images are.",
         "",
-        "- loader samples/s: wall clock, steady state (after the warm-up batches), with that many workers on this "
-        f"machine's {cores} cores: more workers than cores share them.",
-        "- per worker: samples per CPU-second of one worker (the one-worker run), i.e. what one core gives.",
-        f"- workers at N samples/s: ceil(N x {MARGIN} / per-worker rate), the workers (one core each, besides "
-        f"the rank's own process) a rank needs to feed a GPU stepping at N samples/s. GPU rates: {rates} "
-        "(sherlock_opt2.7b measured on one H100 at micro batch 8, 'GPU memory' above; 350 and 440 = 40% and "
-        "50% MFU for it, the throughput goal).",
+        f"- loader samples/s: wall clock, steady state (after the warm-up batches), the median of the rounds, with "
+        f"that many workers on this machine's {cores} cores: more workers than cores share them, and other jobs on "
+        f"the machine take their share too.",
+        "- per worker: samples per CPU-second of a worker, i.e. what one core gives (the workers' CPU time, read "
+        "from /proc: the time other jobs hold the cores is left out, but sharing the machine still slows a core, "
+        "so runs at different loads differ by up to about 30%); the median of the rounds, their range in "
+        "brackets. Several workers on few cores give a little less each (they share caches and switch).",
+        f"- workers at N/s: ceil(N x {MARGIN} / the one-worker row's per-worker rate), the workers (one core each, "
+        f"besides the rank's own process) a rank needs to feed a GPU stepping at N samples/s. GPU rates: {rates} "
+        "(sherlock_opt2.7b "
+        "measured on one H100 at micro batch 8, section 'GPU memory'; 350 and 440 = 40% and 50% MFU for it, the "
+        "throughput goal).",
         "",
         "| recipe | images | image size | micro batch | workers | loader samples/s | per worker samples/s | "
         + " | ".join(f"workers at {_rate(g)}/s" for g in gpu_rates) + " |",
@@ -297,9 +308,11 @@ def section(results: List[Dict], gpu_rates: Sequence[float], command: str, cores
     ]
     for res in results:
         for r in res["rows"]:
+            low, high = r["samples_per_worker_cpu_s_range"]
             lines.append(f"| {res['recipe']} | {r['sizes']} ({r['megapixels']:.2f} MP, {r['jpeg_kb']:.0f} KiB) | "
                          f"{r['image_size']} | {r['batch']} | {r['workers']} | {r['samples_per_s']:.1f} | "
-                         f"{r['per_worker']:.1f} | " + " | ".join(str(r["needed"][str(g)]) for g in gpu_rates) + " |")
+                         f"{r['samples_per_worker_cpu_s']:.1f} ({low:.0f}-{high:.0f}) | "
+                         + " | ".join(str(r["needed"][str(g)]) for g in gpu_rates) + " |")
     lines += ["", "Reproduce:", "", "```", command, "```", ""]
     return "\n".join(lines)
 
@@ -340,9 +353,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the main process only receives batches; leave the cores to the workers
     # More workers than cores is the point of some rows (the table says so); torch's warning about it is not news.
     warnings.filterwarnings("ignore", message="This DataLoader will create")
+    before = load_average() or "n/a"
     results = [bench_recipe(path, args) for path in args.recipes]
+    load = f"{before} before, {load_average() or 'n/a'} after"
     command = "python bench/loader_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(results, args.gpu_samples_per_s, command.strip(), os.cpu_count() or 1)
+    text = section(results, args.gpu_samples_per_s, command.strip(), os.cpu_count() or 1, load)
     print("\n" + text)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
