@@ -484,3 +484,30 @@ def test_lean_norms_and_shared_t5_bias_give_transformers_loss_and_gradients(arch
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
     assert ops_a <= ops_b - 4 * len(norms), (ops_a, ops_b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_inputs_without_the_model_are_the_models(arch, tmp_path):
+    """build_text_inputs (the training collate's text side, for tools that need no network) makes exactly the
+    tensors the built model's own `text` makes, for the tiny model and for a checkpoint folder."""
+    from engine.models import build_text_inputs
+
+    model = build(arch, max_txt_len=12)
+    targets = TARGETS + ["a much longer target that runs past the twelve tokens of max_txt_len for sure"]
+    prompts = PROMPTS + [""]
+
+    def same(text, reference):
+        a, b = text.build_inputs(prompts, targets, lean=True), reference.build_inputs(prompts, targets, lean=True)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert vars(text).keys() == vars(reference).keys()
+
+    same(build_text_inputs(arch, model_type="tiny", max_txt_len=12), model.text)
+    if arch == "blip2_opt":
+        model.hf.config.image_token_index = None  # as in checkpoints older than the <image> placeholder
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    if model.instruct:
+        model.qformer_tokenizer.save_pretrained(tmp_path / "qformer_tokenizer")
+    official = next(t for t in MODELS.get(arch).zoo if t != "tiny")
+    loaded = build(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12)
+    same(build_text_inputs(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12), loaded.text)

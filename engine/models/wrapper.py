@@ -184,6 +184,23 @@ class TextInputs:
         return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
 
 
+def text_inputs_for(config, tokenizer, qformer_tokenizer=None, *, instruct: bool, max_txt_len: int,
+                    max_output_txt_len: Optional[int] = None) -> TextInputs:
+    """The `TextInputs` of a model with this BLIP-2 / InstructBLIP `config` and these tokenizers: what
+    `VisionLanguageModel` carries, and what engine/models/blip2.py `build_text_inputs` makes without a model."""
+    decoder_only = bool(config.use_decoder_only_language_model)
+    # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
+    # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
+    # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
+    eos = getattr(config.text_config, "eos_token_id", None)
+    eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
+    return TextInputs(tokenizer, qformer_tokenizer, instruct=instruct, decoder_only=decoder_only,
+                      max_txt_len=int(max_txt_len),
+                      max_output_txt_len=int(max_output_txt_len or DEFAULT_MAX_OUTPUT_TXT_LEN),
+                      num_query_tokens=int(config.num_query_tokens), image_token_id=int(config.image_token_index),
+                      bos_id=tokenizer.bos_token_id if decoder_only else None, eos_id=eos_id,
+                      pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id)
+
 
 class VisionLanguageModel(nn.Module):
     """A BLIP-2 model that takes images and strings.
@@ -209,21 +226,12 @@ class VisionLanguageModel(nn.Module):
         self.freeze_vit = freeze_vit
         cfg = hf.config
         self.image_size = vit_image_size(cfg)
-        self.num_query_tokens = int(cfg.num_query_tokens)
-        self.image_token_id = int(cfg.image_token_index)
-        self.decoder_only = bool(cfg.use_decoder_only_language_model)
-        self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
-        # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
-        # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
-        # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
-        eos = getattr(cfg.text_config, "eos_token_id", None)
-        self.eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         # Tokenising, truncating, padding and masking: a plain object, so DataLoader workers can do it (collate).
-        self.text = TextInputs(tokenizer, qformer_tokenizer, instruct=instruct, decoder_only=self.decoder_only,
-                               max_txt_len=self.max_txt_len, max_output_txt_len=self.max_output_txt_len,
-                               num_query_tokens=self.num_query_tokens, image_token_id=self.image_token_id,
-                               bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        self.text = text_inputs_for(cfg, tokenizer, qformer_tokenizer, instruct=instruct, max_txt_len=self.max_txt_len,
+                                    max_output_txt_len=self.max_output_txt_len)
+        self.num_query_tokens, self.image_token_id = self.text.num_query_tokens, self.text.image_token_id
+        self.decoder_only = self.text.decoder_only
+        self.bos_id, self.eos_id, self.pad_id = self.text.bos_id, self.text.eos_id, self.text.pad_id
 
     # ---------------------------------------------------------------- inputs (TextInputs)
     def _ids(self, texts: Sequence[str]) -> List[List[int]]:
