@@ -202,6 +202,13 @@ def text_inputs_for(config, tokenizer, qformer_tokenizer=None, *, instruct: bool
                       pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id)
 
 
+def _keys_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A [batch, keys] padding mask as the [batch, 1, 1, keys] boolean mask attention broadcasts. Given in 4D,
+    transformers uses it as it is; given in 2D, it first reads it back to the host (`.all()`) to see whether
+    it could be left out, a sync in every training step with padded text."""
+    return mask[:, None, None, :].bool()
+
+
 class VisionLanguageModel(nn.Module):
     """A BLIP-2 model that takes images and strings.
 
@@ -288,7 +295,7 @@ class VisionLanguageModel(nn.Module):
         if self.instruct:
             text_mask = inputs["qformer_attention_mask"]
             mask = torch.cat([text_mask.new_ones(query.shape[:2]), text_mask], dim=1)
-            out = hf.qformer(input_ids=inputs["qformer_input_ids"], attention_mask=mask, query_embeds=query,
+            out = hf.qformer(input_ids=inputs["qformer_input_ids"], attention_mask=_keys_mask(mask), query_embeds=query,
                              encoder_hidden_states=image_embeds, return_dict=True)
             query_output = out.last_hidden_state[:, :query.shape[1]]
         else:
@@ -306,7 +313,8 @@ class VisionLanguageModel(nn.Module):
                                        use_cache=False).logits
             return hf.loss_function(logits=logits[:, -labels.size(1):], labels=labels,
                                     vocab_size=hf.config.text_config.vocab_size)
-        return hf.language_model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
+        mask = inputs.get("attention_mask")
+        return hf.language_model(inputs_embeds=embeds, attention_mask=None if mask is None else _keys_mask(mask),
                                  decoder_attention_mask=inputs.get("decoder_attention_mask"), labels=labels,
                                  use_cache=False, return_dict=True).loss
 
