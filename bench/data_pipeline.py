@@ -50,8 +50,24 @@ GOAL = 1.7  # the loader-speed goal: images/s per core against LAVIS's pipeline
 # --------------------------------------------------------------------------- images
 
 
+def photo_like(size: Tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A photo-like RGB image of ``size=(W, H)``: a smooth colour field, shapes and sensor noise (so a JPEG of
+    it costs about what a photo's does to decode, unlike flat synthetic drawings)."""
+    W, H = size
+    field = rng.normal(128, 45, (max(1, H // 16), max(1, W // 16), 3)).clip(0, 255).astype(np.uint8)
+    im = Image.fromarray(field).resize((W, H), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(4, 12))):
+        x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
+        w, h = int(rng.integers(20, max(21, W // 2))), int(rng.integers(20, max(21, H // 2)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h], fill=colour)
+    noisy = np.asarray(im).astype(np.int16) + rng.normal(0, 10, (H, W, 3)).astype(np.int16)
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
 def make_jpegs(folder: str, n: int, size: Tuple[int, int] = (640, 480), seed: int = 0) -> List[str]:
-    """``n`` photo-like JPEGs (smooth colour field + shapes + sensor noise, quality 90), made once."""
+    """``n`` photo-like JPEGs (quality 90), made once."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     W, H = size
@@ -61,17 +77,8 @@ def make_jpegs(folder: str, n: int, size: Tuple[int, int] = (640, 480), seed: in
         paths.append(path)
         if os.path.exists(path):
             continue
-        field = rng.normal(128, 45, (H // 16, W // 16, 3)).clip(0, 255).astype(np.uint8)
-        im = Image.fromarray(field).resize((W, H), Image.BICUBIC)
-        draw = ImageDraw.Draw(im)
-        for _ in range(int(rng.integers(4, 12))):
-            x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
-            w, h = int(rng.integers(20, W // 2)), int(rng.integers(20, H // 2))
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h], fill=colour)
-        noisy = np.asarray(im).astype(np.int16) + rng.normal(0, 10, (H, W, 3)).astype(np.int16)
         tmp = path + ".tmp"
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
+        photo_like((W, H), rng).save(tmp, "JPEG", quality=90)
         os.replace(tmp, path)
     return paths
 

@@ -233,6 +233,7 @@ def diagnose(recipe_path: str, options: List[str], *, tiny: bool, batches=(8, 32
     from engine.deepspeed_config import fill_ds_config, normalize_cuda_arch_list
     from engine.memory import Workload, auto_micro_batch, recipe_facts, train_flops_per_sample
     from engine.models import compile_layers
+    from engine.trainer.auto_batch import check_micro_batch
     from engine.trainer.optim import lr_scheduler_factory, param_groups
     from engine.trainer.topology import init_distributed
 
@@ -254,13 +255,19 @@ def diagnose(recipe_path: str, options: List[str], *, tiny: bool, batches=(8, 32
                                            config=ds_config, lr_scheduler=lr_scheduler_factory(recipe, 10 ** 6, 10 ** 6))
     build_s = time.perf_counter() - t0
     facts = recipe_facts(recipe)
-    auto = auto_micro_batch(_with_global(recipe, 64 if tiny else 256), 1, None if not cuda else cap_gb)
+    # `auto` as engine/train.py resolves it: the planner's choice, then measured by one forward and backward.
+    auto_recipe = _with_global(recipe, 64 if tiny else 256)
+    auto_recipe.run.batch_size_train = auto_micro_batch(auto_recipe, 1, None if not cuda else cap_gb)
+    auto_recipe.run.accum_grad_iters = auto_recipe.run.global_batch_size // auto_recipe.run.batch_size_train
+    planned = auto_recipe.run.batch_size_train
+    check_micro_batch(engine, auto_recipe, 1, cap_gb if cuda else None, 2, log)
+    auto = auto_recipe.run.batch_size_train
     counter = None
     if not cuda:
         from step_ops import op_counter as counter
     info = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "build_s": build_s,
-            "describe": describe(model), "auto_batch": auto, "rows": []}
-    log(f"built in {build_s:.1f} s; parts: {info['describe']}; auto micro batch {auto}")
+            "describe": describe(model), "auto_batch": auto, "auto_batch_planned": planned, "rows": []}
+    log(f"built in {build_s:.1f} s; parts: {info['describe']}; auto micro batch {auto} (planned {planned})")
     for compiled in compile_modes:
         if compiled:
             log(f"compiling {compile_layers(model)} repeated layers")

@@ -50,7 +50,8 @@ def op_counter():
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counts = {"ops": 0, "kernels": 0, "reads": 0, "read_names": collections.Counter()}
+    counts = {"ops": 0, "kernels": 0, "reads": 0, "read_names": collections.Counter(),
+              "kernel_names": collections.Counter()}
 
     def read(name: str) -> None:
         # torch.optim keeps its step counters on the host (not capturable): reading them waits for nothing.
@@ -63,9 +64,10 @@ def op_counter():
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             counts["ops"] += 1
+            name = func._schema.name.split("::")[-1]
             if not func.is_view:  # views and detach only make a new tensor header; the rest is work
                 counts["kernels"] += 1
-            name = func._schema.name.split("::")[-1]
+                counts["kernel_names"][name] += 1
             if name in HOST_READ_OPS:
                 read(name)
             return func(*args, **(kwargs or {}))
@@ -157,7 +159,7 @@ def child(args) -> int:
     def counted(self, batch):
         if self.micro_in_epoch % self.run.accum_grad_iters == 0:  # the first micro-batch of an optimizer step
             marks.append({"ops": counts["ops"], "kernels": counts["kernels"], "reads": counts["reads"],
-                          "names": dict(counts["read_names"])})
+                          "names": dict(counts["read_names"]), "kernel_names": dict(counts["kernel_names"])})
         return step(self, batch)
 
     loop.Trainer.train_step = counted
@@ -177,7 +179,9 @@ def child(args) -> int:
         print(json.dumps({"recipe": args.recipe, "error": f"exit code {code}, {len(marks)} steps"}))
         return 1
     per_step = [{"ops": b["ops"] - a["ops"], "kernels": b["kernels"] - a["kernels"], "reads": b["reads"] - a["reads"],
-                 "names": {k: v - a["names"].get(k, 0) for k, v in b["names"].items() if v - a["names"].get(k, 0)}}
+                 "names": {k: v - a["names"].get(k, 0) for k, v in b["names"].items() if v - a["names"].get(k, 0)},
+                 "kernel_names": {k: v - a["kernel_names"].get(k, 0) for k, v in b["kernel_names"].items()
+                                  if v - a["kernel_names"].get(k, 0)}}
                 for a, b in zip(marks, marks[1:])]
     steady = per_step[2:]
     row = {"recipe": os.path.basename(args.recipe), "depths": None if args.tiny_depths else real_depths(
@@ -186,6 +190,7 @@ def child(args) -> int:
         "kernel_ops_per_step": int(statistics.median(s["kernels"] for s in steady)),
         "reads_per_step": int(statistics.median(s["reads"] for s in steady)),
         "reads_by_op": max(steady, key=lambda s: s["reads"])["names"],
+        "kernels_by_op": dict(sorted(steady[-1]["kernel_names"].items(), key=lambda kv: -kv[1])),
         "steps": [{"ops": s["ops"], "kernels": s["kernels"], "reads": s["reads"]} for s in per_step]}
     print("STEP_OPS " + json.dumps(row))
     return 0
@@ -215,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=2, help="micro batch (default 2)")
     p.add_argument("--tiny-depths", action="store_true", help="keep the tiny model's 2 layers per part")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--by-op", type=int, default=0, metavar="N",
+                   help="also list the N most frequent non-view ops of a steady-state step")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--options", nargs="*", default=[], help="more --options for engine/train.py")
     args = p.parse_args(argv)
@@ -230,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in rows:
             print(f"{row['recipe']:<30} {row['ops_per_step']:>9,} {row['kernel_ops_per_step']:>9,} "
                   f"{row['reads_per_step']:>11}  {row['reads_by_op']}")
+            for name, n in list(row["kernels_by_op"].items())[:args.by_op]:
+                print(f"    {name:<40} {n:>7,}")
     return 0
 
 

@@ -75,6 +75,17 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
     return model
 
 
+def build_text_inputs(recipe: Recipe):
+    """The text side of the recipe's model (the tokenising, padding and label masking the training loader's
+    collate runs: ``TextInputs``), without building the model (bench/loader_speed.py)."""
+    from engine.models.blip2 import build_text_inputs as text_inputs  # transformers: only when asked for
+
+    m = recipe.model
+    return text_inputs(m.arch, model_type=m.model_type, pretrained=m.finetuned if m.load_finetuned else m.pretrained,
+                       max_txt_len=m.max_txt_len, max_output_txt_len=m.max_output_txt_len,
+                       trust_remote_code=m.trust_remote_code)
+
+
 def model_image_size(recipe: Recipe) -> int:
     """The size images are given to the ViT: model.image_size, else the checkpoint's."""
     m = recipe.model

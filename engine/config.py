@@ -126,8 +126,9 @@ class RunConfig:
     max_epoch: int = doc("Number of epochs.", 1)
     max_steps: Optional[int] = doc("Stop after this many optimizer steps (null or 0 = run all epochs).", None)
     batch_size_train: int = doc("Training batch size per GPU (DeepSpeed's train_micro_batch_size_per_gpu), or "
-                                "'auto': the largest that fits the device (engine/memory.py auto_micro_batch), "
-                                "with accum_grad_iters filling run.global_batch_size.", 8)
+                                "'auto': the largest the memory planner fits on the device, checked on a GPU by "
+                                "one forward and backward (engine/trainer/auto_batch.py), with accum_grad_iters "
+                                "filling run.global_batch_size.", 8)
     global_batch_size: Optional[int] = doc("Samples per optimizer step over all ranks (micro batch x accumulation x "
                                            "ranks). Needed by batch_size_train: auto; with a number there it "
                                            "must agree.", None)

@@ -44,6 +44,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from engine.build import model_image_size
 from engine.config import ConfigError, Problem, Recipe, parse_recipe
 from engine.deepspeed_config import load_ds_config, offloads, zero_stage

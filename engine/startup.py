@@ -27,6 +27,39 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+FAILED_STARTS = "failed-starts"  # what starts that failed before their first step left, set aside (never deleted)
+# What a start writes before its first step; a folder holding more (checkpoints, step logs) holds a run.
+_START_FILES = {"config.yaml", "train.log", "tb"}
+
+
+def _entries(out: str) -> List[str]:
+    """The folder's entries, less the starts set aside (they hold no run)."""
+    return [e for e in os.listdir(out) if e != FAILED_STARTS] if os.path.isdir(out) else []
+
+
+def set_aside_failed_start(out: str, reason: str = "") -> Optional[str]:
+    """After a start that failed before its first step, in a folder it began empty: move what it wrote
+    (config.yaml, train.log with ``reason`` appended, tb/) to ``out/failed-starts/<UTC time>/`` so the
+    corrected start can use the folder; the log stays there to read. Anything else in the folder (a
+    checkpoint, step logs) means a run: nothing is moved. Returns where they went, or None."""
+    entries = _entries(out)
+    if not entries or not set(entries) <= _START_FILES:
+        return None
+    dest = os.path.join(out, FAILED_STARTS, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    n = 1
+    while os.path.exists(dest):  # two failed starts within a second
+        dest = os.path.join(out, FAILED_STARTS, time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{n}")
+        n += 1
+    os.makedirs(dest)
+    logging.shutdown()  # train.log's handler lets go of the file first
+    if reason and "train.log" in entries:
+        with open(os.path.join(out, "train.log"), "a", encoding="utf-8") as f:
+            f.write(f"start failed: {reason}\n")
+    for e in entries:
+        os.replace(os.path.join(out, e), os.path.join(dest, e))
+    return dest
+
+
 def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
     """Refuse to mix two runs in one folder; return the checkpoint to resume from (or None)."""
     # Here, not at the top: the checkpoint module loads torch, and nothing heavy loads before the recipe is checked.
@@ -44,11 +77,11 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
                                         f"(check run.output_dir, or start without --resume)")
             path = os.path.join(ckpt_root, tag)
         inside = os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
-        if inside or r.evaluate or not (os.path.isdir(out) and os.listdir(out)):
+        if inside or r.evaluate or not _entries(out):
             return path
         raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "
                               f"is not part of it; choose an empty run.output_dir")
-    if os.path.isdir(out) and os.listdir(out) and not r.evaluate:
+    if _entries(out) and not r.evaluate:
         if not r.overwrite_output_dir:
             raise FileExistsError(
                 f"run.output_dir '{out}' already holds a run. Resume it with --resume, choose another folder "

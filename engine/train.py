@@ -23,8 +23,8 @@ if __package__ in (None, ""):
 from engine.config import ConfigError, ModelConfig, RunConfig, field_docs, load_recipe, save_resolved  # noqa: E402
 from engine.data.errors import DatasetError  # noqa: E402
 from engine.faults import RunStopped  # noqa: E402
-from engine.startup import (StartupClock, UsageError, exit_now, prepare_output_dir, single_process_env,  # noqa: E402
-                            trainer_exit_code)
+from engine.startup import (StartupClock, UsageError, exit_now, prepare_output_dir, set_aside_failed_start,  # noqa: E402
+                            single_process_env, trainer_exit_code)
 from engine.trainer.resume import check_resume  # noqa: E402
 from engine.trainer.reshape import saved_layout  # noqa: E402
 
@@ -55,11 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.fresh_output_dir = None  # run() sets it once this start has the output folder to itself
     single_process_env()
     try:
         return run(args)
     except (ConfigError, UsageError, FileExistsError, FileNotFoundError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
+        _set_aside(args, f"error: {e}")
         return exit_now(2)
     except RunStopped as e:  # interrupted, or a fault limit reached: a checkpoint was saved first
         print(f"stopped: {e}", file=sys.stderr)
@@ -68,13 +70,26 @@ def main(argv=None) -> int:
         code = trainer_exit_code(e)  # an unsafe checkpoint file (2), a save that failed (3)
         if code is not None:
             print(f"error: {e}", file=sys.stderr)
+            _set_aside(args, f"error: {e}")
             return exit_now(code)
         # Any other failure: show it, then leave at once. With several ranks the others may be waiting in a
         # collective; a normal exit would run destructors that wait for them too. The launcher stops the
         # other ranks when this one exits non-zero; without it they fail at run.dist_timeout_s.
         rank = os.environ.get("RANK", "0")
         print(f"error on rank {rank}:\n{traceback.format_exc()}", file=sys.stderr)
+        _set_aside(args, traceback.format_exc())
         return exit_now(1)
+
+
+def _set_aside(args, reason: str) -> None:
+    """A start that failed before its first step in a folder it began empty: rank 0 moves what it wrote aside,
+    so the corrected command can be run as it is (engine.startup.set_aside_failed_start)."""
+    if args.fresh_output_dir is None or os.environ.get("RANK", "0") != "0":
+        return
+    dest = set_aside_failed_start(args.fresh_output_dir, reason)
+    if dest:
+        print(f"this start's config.yaml and train.log were moved to {dest}; {args.fresh_output_dir} can be used "
+              f"again", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -84,13 +99,16 @@ def run(args) -> int:
     # 1. Config: every problem is reported before anything heavy is imported or built.
     with clock.stage("config"):
         recipe = load_recipe(args.recipe, args.options)
-        if recipe.auto_batch:
+        auto_batch = recipe.auto_batch
+        if auto_batch:
             # Only for batch_size_train: auto: the planner builds the model on the meta device (transformers).
             from engine.memory import device_memory_gb, resolve_auto_batch
 
             resolve_auto_batch(recipe, world, device_memory_gb())
         r = recipe.run
         resume_from = prepare_output_dir(recipe, args.resume, rank)
+        if not resume_from and not r.evaluate:
+            args.fresh_output_dir = r.output_dir
         resume_notes = []
         if resume_from:
             problems, resume_notes = check_resume(resume_from, recipe, world)
@@ -113,6 +131,8 @@ def run(args) -> int:
     from engine.trainer.topology import SharedStorageError, Topology, check_shared_output_dir, init_distributed
     from engine.trainer.loop import Trainer, micro_batches_per_epoch, total_optimizer_steps
     from engine.trainer.optim import lr_scheduler_factory, param_groups
+    from engine.trainer.auto_batch import check_micro_batch
+    from engine.memory import device_memory_gb
 
     try:  # 8/4-bit weights need CUDA and bitsandbytes: say so before anything is written or built
         check_quantization(recipe.model.load_in_8bit, recipe.model.load_in_4bit, get_accelerator().device_name())
@@ -220,6 +240,16 @@ def run(args) -> int:
             model=model, model_parameters=param_groups(model, r.weight_decay), config=ds_config,
             lr_scheduler=lr_scheduler_factory(recipe, total, steps_per_epoch),
         )
+    if auto_batch and not r.evaluate:
+        # The planner's micro batch, measured on this GPU with the model states in place; stepped down (the
+        # global batch, hence the schedule, kept) when a real step would not fit.
+        with clock.stage("micro batch check"):
+            if check_micro_batch(engine, recipe, world, device_memory_gb(), zero_stage(ds_config), logger.info):
+                micro = micro_batches_per_epoch(len(datasets[r.train_splits[0]]), world, r.batch_size_train,
+                                                r.accum_grad_iters)
+                if rank == 0:
+                    save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
+    with clock.stage("DeepSpeed init"):
         trainer = Trainer(engine, recipe, datasets, rank=rank, world_size=world, micro_batches_per_epoch=micro,
                           output_dir=r.output_dir, base=base)
 

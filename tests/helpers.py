@@ -1,4 +1,5 @@
 """Shared helpers for tests that run the real entry point."""
+import importlib.util
 import json
 import os
 import socket
@@ -7,6 +8,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "recipes", "tiny_sherlock.yaml")
+
+
+def load_script(folder: str, name: str):
+    """A script of bench/ or tools/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

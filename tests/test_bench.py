@@ -74,6 +74,39 @@ def test_gpu_diagnosis_sweep_logic_on_the_cpu(tmp_path):
     assert "| auto (16) |" in proc.stdout
 
 
+def test_loader_speed_smoke_measures_the_trainers_loader(tmp_path):
+    """bench/loader_speed.py --smoke: the trainer's own loader over generated Sherlock data delivers whole collated
+    batches, and the table's workers-per-GPU column is the stated arithmetic on the measured per-worker rate."""
+    import math
+
+    bench = _load("loader_speed")
+    assert (bench.workers_needed(350, 100), bench.workers_needed(400, 100), bench.workers_needed(401, 100)) == (5, 5, 6)
+    assert bench.workers_needed(1, 1000) == 1
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Data pipeline\n\nkeep me\n\n## Training loader against the GPU\n\nold\n")
+    out = tmp_path / "loader.json"
+    assert bench.main(["--smoke", "--workdir", str(tmp_path / "work"), "--gpu-samples-per-s", "100",
+                       "--gpu-samples-per-s", "2000", "--json", str(out), "--write", str(doc)]) == 0
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert [r["workers"] for r in rows] == [1, 2]  # one worker (the per-worker rate), then --smoke's 2
+    for r in rows:
+        assert r["samples"] == r["batches"] * r["batch"] == 4 * 8  # the micro batch of recipes/sherlock_opt2.7b.yaml
+        fields = r["batch_fields"]
+        assert fields["image"] == [[8, 3, 364, 364], "uint8"]  # the model's 364 px, uint8 out of the workers
+        assert set(fields["inputs"]) == {"input_ids", "labels"} and fields["inputs"]["labels"][0] == 8
+        assert fields["masked_labels"] > 8 * 32  # OPT's 32 query positions and the prompt are masked in every row
+        assert r["worker_cpu_s"] > 0 and r["samples_per_s"] > 0
+        assert r["per_worker"] == rows[0]["samples_per_worker_cpu_s"]
+        want = {"100.0": math.ceil(100 * 1.25 / r["per_worker"]), "2000.0": math.ceil(2000 * 1.25 / r["per_worker"])}
+        assert r["needed"] == {k: max(1, v) for k, v in want.items()}
+    text = doc.read_text()
+    assert "keep me" in text and "\nold\n" not in text and text.count("## Training loader against the GPU") == 1
+    table = [line for line in text.splitlines() if line.startswith("| recipes/sherlock_opt2.7b.yaml |")]
+    assert [line.split("|")[-3:-1] for line in table] == [
+        [f" {r['needed']['100.0']} ", f" {r['needed']['2000.0']} "] for r in rows]
+    assert "python bench/loader_speed.py --smoke" in text
+
+
 def test_startup_report_line_and_peak_reading():
     bench = _load("startup")
     line = ("2026-12-01 17:58:20 INFO start-up took 52.0 s: config 1.0 s, imports and set-up 2.7 s, distributed init "

@@ -401,12 +401,19 @@ def test_training_forward_gives_transformers_loss_without_reading_masks(arch):
         assert "attention_mask" not in lean
     else:
         assert "decoder_attention_mask" not in lean and "attention_mask" in lean  # prompts of two lengths
+    from helpers import load_script
+
+    dispatch, function, reads = load_script("bench", "step_ops").op_counter()
     with torch.no_grad():
-        ours = model(images(), inputs=lean)
+        with dispatch, function:
+            ours = model(images(), inputs=lean)
         theirs = model.hf(pixel_values=images(), use_cache=False, **full).loss
         strings = model(images(), prompts, TARGETS)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert float(strings) == float(ours)
+    # Padded prompts: the masks go in as 4D, which transformers takes as they are, without reading them back.
+    # (LLaMA's model still checks its position ids for packed sequences: one read.)
+    assert reads["reads"] == (1 if arch == "blip2_vicuna_instruct" else 0), dict(reads["read_names"])
 
 
 def test_compiled_layers_give_the_eager_loss_and_gradients_in_bf16():
@@ -440,3 +447,74 @@ def test_a_checkpoint_loads_straight_into_the_run_dtype_on_the_given_device(tmp_
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     for (name, a), (_, b) in zip(saved.hf.named_parameters(), loaded.hf.named_parameters()):
         torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["blip2_t5", "blip2_t5_instruct", "blip2_vicuna_instruct"])
+def test_lean_norms_and_shared_t5_bias_give_transformers_loss_and_gradients(arch):
+    """The T5/LLaMA RMS norms with one backward per norm and the T5 attention that merges its position
+    bias and mask once per stack: the same loss (bitwise, dropout on) and gradients as transformers' own
+    modules, with fewer kernels in the step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
+
+    from engine.models.attention import SHARED_BIAS_SDPA
+    from engine.models.norms import LeanLlamaRMSNorm, LeanT5LayerNorm
+    from helpers import load_script
+
+    op_counter = load_script("bench", "step_ops").op_counter
+
+    lean = build(arch, freeze_llm=False).train()
+    norms = [m for m in lean.hf.language_model.modules() if isinstance(m, (LeanT5LayerNorm, LeanLlamaRMSNorm))]
+    assert norms and all(isinstance(m, (T5LayerNorm, LlamaRMSNorm)) for m in norms)
+    attn = [m for m in lean.hf.language_model.modules() if isinstance(m, T5Attention)]
+    assert all(m.config._attn_implementation == SHARED_BIAS_SDPA for m in attn) and bool(attn) == ("t5" in arch)
+    assert lean.hf.config.text_config._attn_implementation == "sdpa"  # what an exported config.json says
+    plain = build(arch, freeze_llm=False).train()
+    for m in plain.hf.language_model.modules():  # back to transformers' own classes and dispatch
+        if isinstance(m, (LeanT5LayerNorm, LeanLlamaRMSNorm)):
+            m.__class__ = m.__class__.__bases__[0]
+        if isinstance(m, T5Attention):
+            m.config._attn_implementation = "sdpa"
+    inputs = lean.build_inputs(PROMPTS, TARGETS, lean=True)
+    results = []
+    for model in (lean, plain):
+        torch.manual_seed(3)
+        dispatch, _, ops = op_counter()
+        with dispatch:
+            loss = model(images(), inputs=inputs)
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, ops["kernels"]))
+    (loss_a, grads_a, ops_a), (loss_b, grads_b, ops_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any("language_model." in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ops_a <= ops_b - 4 * len(norms), (ops_a, ops_b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_inputs_without_the_model_are_the_models(arch, tmp_path):
+    """build_text_inputs (the training collate's text side, for tools that need no network) makes exactly the
+    tensors the built model's own `text` makes, for the tiny model and for a checkpoint folder."""
+    from engine.models import build_text_inputs
+
+    model = build(arch, max_txt_len=12)
+    targets = TARGETS + ["a much longer target that runs past the twelve tokens of max_txt_len for sure"]
+    prompts = PROMPTS + [""]
+
+    def same(text, reference):
+        a, b = text.build_inputs(prompts, targets, lean=True), reference.build_inputs(prompts, targets, lean=True)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert vars(text).keys() == vars(reference).keys()
+
+    same(build_text_inputs(arch, model_type="tiny", max_txt_len=12), model.text)
+    if arch == "blip2_opt":
+        model.hf.config.image_token_index = None  # as in checkpoints older than the <image> placeholder
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    if model.instruct:
+        model.qformer_tokenizer.save_pretrained(tmp_path / "qformer_tokenizer")
+    official = next(t for t in MODELS.get(arch).zoo if t != "tiny")
+    loaded = build(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12)
+    same(build_text_inputs(arch, model_type=official, pretrained=str(tmp_path), max_txt_len=12), loaded.text)

@@ -1,18 +1,14 @@
 """The training step stays bound by the device: host reads and aten ops per optimizer step, counted through
 the real loop (engine/train.py) on the CPU by bench/step_ops.py (TorchDispatchMode + TorchFunctionMode)."""
-import importlib.util
 import os
 
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 
 def step_ops():
-    spec = importlib.util.spec_from_file_location("step_ops", os.path.join(ROOT, "bench", "step_ops.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench", "step_ops")
 
 
 def test_the_counter_sees_host_reads():
@@ -42,3 +38,12 @@ def test_opt27b_depths_one_host_read_per_step_through_the_real_loop():
     # 23,885 dispatched ops (10,819 not views) per step before the LLM stopped being recomputed and
     # DeepSpeed's per-tensor checks and norms were replaced (docs/benchmarks.md); a regression shows here.
     assert quiet["ops_per_step"] < 12500 and quiet["kernel_ops_per_step"] <= 4000, quiet
+
+
+def test_cpu_offload_reads_once_per_step():
+    """sherlock_opt6.7b's setup (ZeRO-2 with the optimizer in host memory) at the tiny depths: DeepSpeed's
+    offload path read each gradient's norm and inf/NaN flag on the host (two reads per trainable tensor);
+    the norms are summed on the device and the vote's one read remains."""
+    mod = step_ops()
+    row = mod.measure(os.path.join(ROOT, "recipes", "sherlock_opt6.7b.yaml"), steps=5, tiny_depths=True)
+    assert row["reads_per_step"] <= 1, row["reads_by_op"]

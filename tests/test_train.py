@@ -5,6 +5,8 @@ import os
 import re
 
 import pytest
+import torch
+import yaml
 
 from helpers import read_jsonl, run_train, tiny_options
 
@@ -91,3 +93,59 @@ def test_two_ranks_under_the_deepspeed_launcher(tmp_path, ds_config, extra):
         preds = json.load(open(run / "predictions" / "val_epoch1.json"))
         assert sorted(p["sample_id"] for p in preds) == sorted({p["sample_id"] for p in preds})
         assert len(preds) == 16
+
+
+def test_auto_micro_batch_is_measured_and_stepped_down_keeping_the_global_batch(tmp_path):
+    """run.batch_size_train: auto through engine/train.py: the planner's micro batch (on a CPU, the largest
+    divisor up to 16: 8) is then run once at the longest texts; micro batches that run out of memory
+    (ENGINE_FAULT auto_batch_oom:2 makes 8 and 4 do so) step down to 2, and accumulation keeps the global
+    batch of 8: the same number of optimizer steps, DeepSpeed stepping every 4 micro-batches."""
+    opts = tiny_options(tmp_path, "run.max_epoch=1", "run.batch_size_train=auto", "run.global_batch_size=8",
+                        "run.valid_splits=[]", n_train=64)
+    proc = run_train(opts, env_extra={"ENGINE_FAULT": "auto_batch_oom:2"})
+    assert proc.returncode == 0
+    run = tmp_path / "run"
+    log = (run / "train.log").read_text()
+    assert ("run.batch_size_train: auto: micro batch 2 x 4 accumulation (planned 8; measured 8: out of memory; "
+            "4: out of memory; 2: ran)") in log
+    saved = yaml.safe_load((run / "config.yaml").read_text())["run"]
+    assert (saved["batch_size_train"], saved["accum_grad_iters"]) == (2, 4)
+    steps = read_jsonl(run / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 64 // 8 + 1))  # 8 optimizer steps of 8 samples
+
+
+def test_the_micro_batch_probe_trains_nothing_and_reaches_the_longest_texts():
+    from engine.models.blip2 import build_vlm
+    from engine.trainer.auto_batch import forward_backward_peak, probe_batch
+
+    model = build_vlm("blip2_t5_instruct", model_type="tiny", max_txt_len=24, max_output_txt_len=12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert forward_backward_peak(model, 3, "cpu") is None  # ran; no CUDA memory to read on a CPU
+    assert all(p.grad is None and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    pixels, inputs = probe_batch(model, 3, "cpu")
+    assert pixels.shape == (3, 3, model.image_size, model.image_size)
+    assert inputs["input_ids"].shape[1] == model.num_query_tokens + 24  # the prompt, cut at max_txt_len
+    assert inputs["labels"].shape == (3, 12)  # the target, cut at max_output_txt_len
+
+
+def test_a_failed_start_is_set_aside_so_the_corrected_command_runs_in_the_same_folder(tmp_path):
+    """A start that fails before its first step (here: no data where the recipe points, nothing to generate)
+    moves its config.yaml and train.log to failed-starts/<time>/ with the error; the corrected command then
+    runs in the same run.output_dir. A folder with a run in it is still refused."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]", "datasets.sherlock.synthetic=0",
+                       data_root=empty)
+    proc = run_train(bad)
+    assert proc.returncode == 2 and "can be used again" in proc.stderr
+    run = tmp_path / "run"
+    assert os.listdir(run) == ["failed-starts"]
+    (aside,) = (run / "failed-starts").iterdir()
+    assert sorted(os.listdir(aside)) == ["config.yaml", "train.log"]
+    assert "start failed: error:" in (aside / "train.log").read_text()
+    good = run_train(tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (run / "checkpoints").is_dir() and len(list((run / "failed-starts").iterdir())) == 1
+    again = run_train(tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]"))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (run / "checkpoints").is_dir() and len(list((run / "failed-starts").iterdir())) == 1

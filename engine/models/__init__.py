@@ -9,7 +9,8 @@ import importlib
 _EXPORTS = {
     "IGNORE_INDEX": "wrapper", "LENGTH_COUNTING": "wrapper", "VisionLanguageModel": "wrapper", "WeightsNotFoundError": "blip2",
     "build_blip2_opt": "blip2", "build_blip2_t5": "blip2", "build_blip2_t5_instruct": "blip2",
-    "build_blip2_vicuna_instruct": "blip2", "build_vlm": "blip2", "compile_layers": "blip2",
+    "build_blip2_vicuna_instruct": "blip2", "build_vlm": "blip2", "build_text_inputs": "blip2",
+    "compile_layers": "blip2",
     "DEFAULT_TARGETS": "lora", "merge_lora": "lora",
     "IMAGE_TOKEN": "tokenizer", "local_tokenizer": "tokenizer",
     "ARCHS": "zoo", "BUILDER_KEYS": "zoo", "ZooEntry": "zoo", "checkpoint_image_size": "zoo",

@@ -31,11 +31,13 @@ from transformers.utils import logging as hf_logging
 
 from engine.registry import close_matches
 
+from .attention import use_shared_bias_attention
 from .lora import apply_lora
+from .norms import use_lean_rms_norms
 from .parts import gathered, part_of
 from .quant import quantization_config
 from .tokenizer import IMAGE_TOKEN, local_tokenizer
-from .wrapper import VisionLanguageModel, vit_image_size
+from .wrapper import TextInputs, VisionLanguageModel, text_inputs_for, vit_image_size
 from .zoo import ARCHS, ArchSpec, ZooEntry, tiny_config
 
 class CheckpointMismatchError(ValueError):
@@ -329,6 +331,9 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
 
     if image_size is not None and int(image_size) != vit_image_size(hf.config):
         resize_vision(hf, int(image_size))
+    if spec.family == "t5":
+        use_shared_bias_attention(hf.language_model)  # the same attention, its mask built once per stack
+    use_lean_rms_norms(hf.language_model)  # T5 / LLaMA norms: the same output, one backward per norm
     lora_parts: List[str] = []
     if lora:
         parts = {"llm": hf.language_model, "qformer": hf.qformer, "vision": hf.vision_model}
@@ -344,6 +349,43 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
                                 qformer_tokenizer=qformer_tokenizer, freeze_vit=freeze_vit,
                                 max_output_txt_len=max_output_txt_len)
     return model.train()
+
+
+def build_text_inputs(arch: str, *, model_type: str, pretrained: Optional[str] = None, max_txt_len: int = 32,
+                      max_output_txt_len: Optional[int] = None, trust_remote_code: bool = False) -> TextInputs:
+    """The text side of the model `build_vlm` would build (tokenisation, truncation, padding and label
+    masking, as the training DataLoader's collate runs it), without building the model: the checkpoint
+    folder's tokenizers and config, or for `tiny` / `random` the local tokenizer with the tiny or zoo config.
+    For tools that need the training loader but not the network (bench/loader_speed.py)."""
+    spec = ARCHS[arch]
+    if model_type not in spec.zoo:
+        raise ValueError(f"unknown model_type '{model_type}' for {arch}; known: {', '.join(spec.zoo)}")
+    entry = spec.zoo[model_type]
+    qformer_tokenizer = local_tokenizer("qformer") if spec.instruct else None
+    config_cls = InstructBlipConfig if spec.instruct else Blip2Config
+    if pretrained == "random" or (model_type == "tiny" and pretrained is None):
+        tokenizer = local_tokenizer(spec.family)
+        if model_type == "tiny":
+            config = tiny_config(spec.family, spec.instruct, tokenizer, qformer_tokenizer)
+        else:
+            config = config_cls(**copy.deepcopy(entry.config),
+                                image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    else:
+        _check_checkpoint(arch, model_type, entry, pretrained, spec)
+        config = config_cls.from_pretrained(pretrained, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+        if spec.instruct:
+            qformer_tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="qformer_tokenizer",
+                                                              local_files_only=True)
+        if config.image_token_index is None:  # as _ensure_image_token does for the model
+            if IMAGE_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+            config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if qformer_tokenizer is not None:
+        qformer_tokenizer.truncation_side = "left"  # as VisionLanguageModel sets it
+    return text_inputs_for(config, tokenizer, qformer_tokenizer, instruct=spec.instruct, max_txt_len=max_txt_len,
+                           max_output_txt_len=max_output_txt_len)
 
 
 def _make_builder(arch: str):

@@ -184,6 +184,30 @@ class TextInputs:
         return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
 
 
+def text_inputs_for(config, tokenizer, qformer_tokenizer=None, *, instruct: bool, max_txt_len: int,
+                    max_output_txt_len: Optional[int] = None) -> TextInputs:
+    """The `TextInputs` of a model with this BLIP-2 / InstructBLIP `config` and these tokenizers: what
+    `VisionLanguageModel` carries, and what engine/models/blip2.py `build_text_inputs` makes without a model."""
+    decoder_only = bool(config.use_decoder_only_language_model)
+    # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
+    # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
+    # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
+    eos = getattr(config.text_config, "eos_token_id", None)
+    eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
+    return TextInputs(tokenizer, qformer_tokenizer, instruct=instruct, decoder_only=decoder_only,
+                      max_txt_len=int(max_txt_len),
+                      max_output_txt_len=int(max_output_txt_len or DEFAULT_MAX_OUTPUT_TXT_LEN),
+                      num_query_tokens=int(config.num_query_tokens), image_token_id=int(config.image_token_index),
+                      bos_id=tokenizer.bos_token_id if decoder_only else None, eos_id=eos_id,
+                      pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id)
+
+
+def _keys_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A [batch, keys] padding mask as the [batch, 1, 1, keys] boolean mask attention broadcasts. Given in 4D,
+    transformers uses it as it is; given in 2D, it first reads it back to the host (`.all()`) to see whether
+    it could be left out, a sync in every training step with padded text."""
+    return mask[:, None, None, :].bool()
+
 
 class VisionLanguageModel(nn.Module):
     """A BLIP-2 model that takes images and strings.
@@ -209,21 +233,12 @@ class VisionLanguageModel(nn.Module):
         self.freeze_vit = freeze_vit
         cfg = hf.config
         self.image_size = vit_image_size(cfg)
-        self.num_query_tokens = int(cfg.num_query_tokens)
-        self.image_token_id = int(cfg.image_token_index)
-        self.decoder_only = bool(cfg.use_decoder_only_language_model)
-        self.bos_id = tokenizer.bos_token_id if self.decoder_only else None
-        # The end of text is the checkpoint's, not the tokenizer's: OPT's BLIP-2 checkpoints end every
-        # target with "\n" and stop generation there (LAVIS blip2_opt; text_config.eos_token_id 50118 in
-        # the official folders) although OPT's tokenizer says </s>. T5 and Vicuna end with </s>.
-        eos = getattr(cfg.text_config, "eos_token_id", None)
-        self.eos_id = int(eos) if eos is not None else tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         # Tokenising, truncating, padding and masking: a plain object, so DataLoader workers can do it (collate).
-        self.text = TextInputs(tokenizer, qformer_tokenizer, instruct=instruct, decoder_only=self.decoder_only,
-                               max_txt_len=self.max_txt_len, max_output_txt_len=self.max_output_txt_len,
-                               num_query_tokens=self.num_query_tokens, image_token_id=self.image_token_id,
-                               bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        self.text = text_inputs_for(cfg, tokenizer, qformer_tokenizer, instruct=instruct, max_txt_len=self.max_txt_len,
+                                    max_output_txt_len=self.max_output_txt_len)
+        self.num_query_tokens, self.image_token_id = self.text.num_query_tokens, self.text.image_token_id
+        self.decoder_only = self.text.decoder_only
+        self.bos_id, self.eos_id, self.pad_id = self.text.bos_id, self.text.eos_id, self.text.pad_id
 
     # ---------------------------------------------------------------- inputs (TextInputs)
     def _ids(self, texts: Sequence[str]) -> List[List[int]]:
@@ -280,7 +295,7 @@ class VisionLanguageModel(nn.Module):
         if self.instruct:
             text_mask = inputs["qformer_attention_mask"]
             mask = torch.cat([text_mask.new_ones(query.shape[:2]), text_mask], dim=1)
-            out = hf.qformer(input_ids=inputs["qformer_input_ids"], attention_mask=mask, query_embeds=query,
+            out = hf.qformer(input_ids=inputs["qformer_input_ids"], attention_mask=_keys_mask(mask), query_embeds=query,
                              encoder_hidden_states=image_embeds, return_dict=True)
             query_output = out.last_hidden_state[:, :query.shape[1]]
         else:
@@ -298,7 +313,8 @@ class VisionLanguageModel(nn.Module):
                                        use_cache=False).logits
             return hf.loss_function(logits=logits[:, -labels.size(1):], labels=labels,
                                     vocab_size=hf.config.text_config.vocab_size)
-        return hf.language_model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"),
+        mask = inputs.get("attention_mask")
+        return hf.language_model(inputs_embeds=embeds, attention_mask=None if mask is None else _keys_mask(mask),
                                  decoder_attention_mask=inputs.get("decoder_attention_mask"), labels=labels,
                                  use_cache=False, return_dict=True).loss
 

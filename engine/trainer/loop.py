@@ -52,6 +52,31 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def training_dataloader(ds, run, build_inputs, *, world: int, rank: int, epoch: int, start_micro: int = 0,
+                        pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A rank's training DataLoader over ``ds`` for ``epoch``, from micro-batch ``start_micro`` on: the trainer's
+    (``Trainer.train_loader`` wraps it so images arrive normalised on the device) and bench/loader_speed.py's.
+
+    ``run``: the recipe's run section (micro batch, workers, seed); ``build_inputs(prompts, targets, lean=...)``:
+    the model's text side (``VisionLanguageModel.text.build_inputs``), run in the workers' collate.
+    Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets are drawn in
+    the shares of run.train_dataset_ratios. Augmentation depends only on (seed, epoch, sample): see seeding.py.
+    The loader has its own generator: a DataLoader draws its workers' base seed when an iterator starts, and
+    drawn from the global generator that would move the stream dropout uses between a checkpoint's restore and
+    the next step."""
+    sampler = training_sampler(ds, world, rank, seed=run.seed, batch_size=run.batch_size_train)
+    sampler.set_epoch(epoch)
+    sampler.set_start(start_micro * run.batch_size_train)
+    return torch.utils.data.DataLoader(
+        SeededDataset(ds, replace_unreadable=True), batch_size=run.batch_size_train,
+        sampler=SeededSampler(sampler, run.seed, epoch),
+        # Token ids, padding and masked labels are made here, in the workers (engine/models/wrapper.py TextInputs).
+        collate_fn=WithTextInputs(partial(build_inputs, lean=True)),
+        num_workers=run.num_workers, pin_memory=pin_memory, drop_last=False,
+        worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(run.seed + epoch),
+    )
+
+
 class _NanGradient(torch.autograd.Function):
     """Test-only fault (ENGINE_FAULT=nan_grad_at_step:N): the identity forward, a NaN gradient backward."""
 
@@ -118,29 +143,10 @@ class Trainer:
     def train_loader(self, epoch: int, start_micro: int):
         split = self.run.train_splits[0]
         ds = self.datasets[split]
-
-        # Every rank gets the same number of samples (DeepSpeed steps in lockstep); several datasets
-        # are drawn in the shares of run.train_dataset_ratios.
-        sampler = training_sampler(ds, self.world, self.rank, seed=self.run.seed, batch_size=self.run.batch_size_train)
-        sampler.set_epoch(epoch)
-        sampler.set_start(start_micro * self.run.batch_size_train)
+        loader = training_dataloader(ds, self.run, self.model.text.build_inputs, world=self.world, rank=self.rank,
+                                     epoch=epoch, start_micro=start_micro, pin_memory=self.device.type == "cuda")
         # Images leave the workers as uint8 and are normalised on the device, here.
-        return on_device(self._loader(ds, sampler, epoch), ds, self.device)
-
-    def _loader(self, ds, sampler, epoch: int):
-        """A training DataLoader whose augmentation depends only on (seed, epoch, sample): see seeding.py.
-
-        It has its own generator: a DataLoader draws its workers' base seed when an iterator starts, and
-        drawn from the global generator that would move the stream dropout uses between a checkpoint's
-        restore and the next step."""
-        return torch.utils.data.DataLoader(
-            SeededDataset(ds, replace_unreadable=True), batch_size=self.run.batch_size_train,
-            sampler=SeededSampler(sampler, self.run.seed, epoch),
-            # Token ids, padding and masked labels are made here, in the workers (engine/models/blip2.py TextInputs).
-            collate_fn=WithTextInputs(partial(self.model.text.build_inputs, lean=True)),
-            num_workers=self.run.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
-            worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(self.run.seed + epoch),
-        )
+        return on_device(loader, ds, self.device)
 
     def eval_loader(self, split: str):
         ds = self.datasets[split]

@@ -36,6 +36,14 @@ def install(engine, vote: Vote) -> bool:
     norm_of = opt.scaled_global_norm
     if _plain(opt):
         norm_of = partial(fused_norm, opt)
+    elif _plain(opt, offload=True):
+        # CPU offload: DeepSpeed keeps each gradient's norm on the device and sums their squares on the host,
+        # one read per tensor; summed on the device here, read once with the vote.
+        opt.complete_grad_norm_calculation_for_cpu_offload = partial(fused_offload_norm, opt)
+        if not opt.check_grad_overflow:
+            # The per-tensor inf/NaN flag (a read per tensor) only feeds DeepSpeed's own overflow check, which
+            # is off: the vote on the norm decides.
+            opt.update_offload_overflow_tracker = _no_flag
 
     def checked_norm(norm_type: int = 2):
         value, skip = vote(norm_of(norm_type))
@@ -51,11 +59,38 @@ def install(engine, vote: Vote) -> bool:
     return True
 
 
-def _plain(opt) -> bool:
-    """A ZeRO-1/2 optimizer whose norm is a plain data-parallel L2 norm of fp32/bf16 gradient partitions on the
-    device: no model or pipeline parallelism, no MoE, no CPU offload, no loss scale (fp16), AdamW."""
+def _plain(opt, offload: bool = False) -> bool:
+    """A ZeRO-1/2 optimizer whose norm is a plain data-parallel L2 norm of fp32/bf16 gradients: no model or
+    pipeline parallelism, no MoE, no loss scale (fp16), AdamW; its partitions on the device, or (``offload``)
+    in host memory with the per-tensor norms on the device."""
     return (getattr(opt, "model_parallel_world_size", 1) == 1 and not getattr(opt, "has_moe_layers", False)
-            and not opt.cpu_offload and opt.dtype != torch.float16 and not getattr(opt, "_muon_groups", None))
+            and bool(opt.cpu_offload) == offload and opt.dtype != torch.float16
+            and not getattr(opt, "_muon_groups", None))
+
+
+def _no_flag(grad) -> None:
+    return None
+
+
+def fused_offload_norm(opt, params) -> torch.Tensor:
+    """DeepSpeed's ``complete_grad_norm_calculation_for_cpu_offload`` without a host read per tensor: the
+    norms it recorded per gradient (fp64 on the device) summed in squares on the device, then over the
+    data-parallel group. A non-finite norm is -1, as DeepSpeed marks it."""
+    norms = []
+    for p in params:
+        norm = opt.norm_for_param_grads.get(opt.get_param_id(p))
+        if norm is not None:
+            norms.append(norm)
+        elif not opt.ignore_unused_parameters:
+            raise RuntimeError("a trainable parameter got no gradient (it was not used to compute the loss); set "
+                               "zero_optimization.ignore_unused_parameters or make every trainable parameter "
+                               "take part in the loss")
+    device = norms[0].device if norms else opt.device
+    total = (torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), device=device)).float()
+    total = total.reshape(1)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+    norm = total[0].sqrt()
+    return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0))
 
 
 def fused_norm(opt, norm_type: int = 2) -> torch.Tensor:
