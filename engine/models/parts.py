@@ -2,6 +2,7 @@
 model wrapper, the checkpoint formats and the memory planner."""
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import List, Optional
 
@@ -31,3 +32,14 @@ def gathered(params: List[nn.Parameter], modifier_rank: Optional[int] = None):
     import deepspeed  # here, not at the top: only a ZeRO-3 model (already under deepspeed) gets this far
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def used_outside_its_module(module: nn.Module, param: nn.Parameter) -> None:
+    """Tell ZeRO-3 that ``module``'s forward uses ``param``, which another module owns: it is gathered for that
+    forward (DeepSpeed's register_external_parameter). Only with DeepSpeed loaded: without it nothing can
+    partition the model (a tool that only runs inference does not load it for this)."""
+    if "deepspeed" not in sys.modules:
+        return
+    import deepspeed  # loaded already (checked above): this only binds the name
+
+    deepspeed.zero.register_external_parameter(module, param)

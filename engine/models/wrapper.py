@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .parts import gathered, part_of
+from .parts import gathered, part_of, used_outside_its_module
 from .tokenizer import IMAGE_TOKEN
 
 IGNORE_INDEX = -100  # label value transformers' losses skip
@@ -239,6 +239,9 @@ class VisionLanguageModel(nn.Module):
         self.num_query_tokens, self.image_token_id = self.text.num_query_tokens, self.text.image_token_id
         self.decoder_only = self.text.decoder_only
         self.bos_id, self.eos_id, self.pad_id = self.text.bos_id, self.text.eos_id, self.text.pad_id
+        # The training forward uses query_tokens, the BLIP-2 model's own parameter, outside that model's forward:
+        # ZeRO-3 gathers it for this module's forward instead.
+        used_outside_its_module(self, hf.query_tokens)
 
     # ---------------------------------------------------------------- inputs (TextInputs)
     def _ids(self, texts: Sequence[str]) -> List[List[int]]:
@@ -278,9 +281,6 @@ class VisionLanguageModel(nn.Module):
         pixels, _ = self._pixels(image)
         if inputs is None:
             inputs = self.build_inputs(prompt, text_output, image.device, lean=True)
-        if hasattr(self.hf.query_tokens, "ds_id"):
-            # ZeRO-3 gathers a module's own parameters (query_tokens) in that module's forward: go through it.
-            return self.hf(pixel_values=pixels, use_cache=False, **inputs).loss
         return self._loss(pixels, inputs)
 
     def _loss(self, pixels: torch.Tensor, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -291,7 +291,7 @@ class VisionLanguageModel(nn.Module):
         out (`TextInputs.build_inputs(lean=True)`) stay out."""
         hf = self.hf
         image_embeds = hf.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
-        query = hf.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query = hf.query_tokens.expand(image_embeds.shape[0], -1, -1)  # gathered for this forward under ZeRO-3
         if self.instruct:
             text_mask = inputs["qformer_attention_mask"]
             mask = torch.cat([text_mask.new_ones(query.shape[:2]), text_mask], dim=1)
