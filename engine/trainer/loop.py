@@ -254,8 +254,15 @@ class Trainer:
                 self.engine.backward(zero)
                 self.engine.step()
             return loss.detach(), True
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()
+        if boundary and self.dtype != torch.float16 and not self.engine.was_step_applied():
+            # Finite losses, but DeepSpeed dropped the update: its optimizer found the gradient norm non-finite
+            # (ZeRO-3 checks it in every step; fp16's loss-scale overflows are left to DeepSpeed). A host flag,
+            # no read. The step is a bad one, as when the vote on the norm skips it.
+            self._step_skipped = True
+            return loss.detach(), self.run.accum_grad_iters == 1
         return loss.detach(), False
 
     def _model_inputs(self, batch: Dict[str, Any]) -> Dict[str, Any]:

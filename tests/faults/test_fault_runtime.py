@@ -35,10 +35,11 @@ def test_one_nan_loss_is_skipped_and_logged(tmp_path):
     assert engine_state(tmp_path / "run")[1]["micro_in_epoch"] == 6
 
 
-@pytest.mark.parametrize("ds_config", ["zero2.json", "zero2_offload.json"])
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero2_offload.json", "zero3.json"])
 def test_a_nan_gradient_under_a_finite_loss_is_never_applied(tmp_path, ds_config):
     """bf16 ZeRO-2, DeepSpeed's per-tensor overflow checks off (with CPU offload too: its per-tensor flag and
-    host-summed norm replaced): the one check on the gradient norm skips the step."""
+    host-summed norm replaced): the one check on the gradient norm skips the step. ZeRO-3: DeepSpeed's step
+    drops the update on its non-finite norm, and the trainer counts it as the bad step it is."""
     o = opts(tmp_path, "run", "run.max_steps=4", "run.precision=bf16", f"run.deepspeed=ds_configs/{ds_config}")
     proc = run_train(o, env_extra={"ENGINE_FAULT": "nan_grad_at_step:2"})
     assert proc.returncode == 0
