@@ -272,6 +272,10 @@ def run(args) -> int:
         trainer.close()
     del hf_ds
     logger.info("done: %s", r.output_dir)
+    # Leave together: a rank that tears down its connections while another still talks to it can make that
+    # one abort at exit ("terminate called without an active exception") after a run that succeeded.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
