@@ -144,7 +144,9 @@ class RunConfig:
     output_dir: str = doc("Folder for config.yaml, logs, TensorBoard (tb/), checkpoints/ and predictions/.",
                           "runs/default")
     overwrite_output_dir: bool = doc("Allow writing into a non-empty output_dir that holds another run.", False)
-    resume_ckpt_path: Optional[str] = doc("Checkpoint folder to resume from (or use --resume for the latest).", None)
+    resume_ckpt_path: Optional[str] = doc("Checkpoint to resume from: a checkpoint folder, checkpoints/latest, "
+                                          "checkpoints/best or a run folder (its newest complete checkpoint); or "
+                                          "use --resume for the latest of run.output_dir.", None)
     allow_recipe_change: bool = doc("On resume, accept changed schedule/data keys (architecture keys never change).",
                                     False)
     evaluate: bool = doc("Only evaluate (no training).", False)

@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from typing import List, Optional, Tuple
 
+from engine.checkpoints.paths import CheckpointNotFound, resolve_checkpoint
+
 
 class UsageError(Exception):
     """A problem with the recipe, the paths or the data, found before training: exit code 2."""
@@ -70,13 +72,21 @@ def prepare_output_dir(recipe, resume: bool, rank: int) -> str:
     ckpt_root = os.path.join(out, "checkpoints")
     if resume or r.resume_ckpt_path:
         path = r.resume_ckpt_path
-        if path is None:
+        if path is not None:
+            # What the tools take works here too: a checkpoint folder, checkpoints/latest (DeepSpeed's pointer
+            # file), checkpoints/best, checkpoints/ or a run folder (its newest complete checkpoint).
+            try:
+                found = resolve_checkpoint(path)
+            except CheckpointNotFound as e:
+                raise FileNotFoundError(f"run.resume_ckpt_path: {e}") from None
+            path = found.folder
+        else:
             tag = checkpoint.latest_tag(ckpt_root)
             if tag is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root} "
                                         f"(check run.output_dir, or start without --resume)")
             path = os.path.join(ckpt_root, tag)
-        inside = os.path.abspath(path).startswith(os.path.abspath(out) + os.sep)
+        inside = os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
         if inside or r.evaluate or not _entries(out):
             return path
         raise FileExistsError(f"run.output_dir '{out}' holds another run and the checkpoint to resume ({path}) "

@@ -167,3 +167,22 @@ def test_zero3_trains_as_zero2_with_partitioned_query_tokens(tmp_path):
         losses[name] = [s["loss"] for s in read_jsonl(tmp_path / name / "steps.jsonl")]
     assert len(losses["z3"]) == 3
     assert losses["z3"] == pytest.approx(losses["z2"], rel=1e-5)
+
+
+def test_resume_ckpt_path_takes_what_the_tools_take(tmp_path):
+    """run.resume_ckpt_path accepts checkpoints/latest (DeepSpeed's pointer file) or the run folder, as the tools
+    do; a path that names no checkpoint is an error naming the key, before anything is written."""
+    first = run_train(tiny_options(tmp_path, "run.max_steps=2", "run.valid_splits=[]", n_train=64))
+    assert first.returncode == 0
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    assert latest.is_file()
+    for name, given in (("from_pointer", latest), ("from_run", tmp_path / "run")):
+        proc = run_train(tiny_options(tmp_path, f"run.output_dir={tmp_path / name}", "run.max_steps=3",
+                                      "run.valid_splits=[]", f"run.resume_ckpt_path={given}",
+                                      "run.allow_recipe_change=true", n_train=64))  # max_steps 2 -> 3
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [s["step"] for s in read_jsonl(tmp_path / name / "steps.jsonl")] == [3]  # went on from step 2
+    bad = run_train(tiny_options(tmp_path, f"run.output_dir={tmp_path / 'bad'}", "run.valid_splits=[]",
+                                 f"run.resume_ckpt_path={tmp_path / 'nowhere'}", n_train=64))
+    assert bad.returncode == 2 and "run.resume_ckpt_path" in bad.stderr and "does not exist" in bad.stderr
+    assert not (tmp_path / "bad").exists()
