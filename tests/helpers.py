@@ -11,8 +11,10 @@ TINY = os.path.join(ROOT, "recipes", "tiny_sherlock.yaml")
 
 
 def load_script(folder: str, name: str):
-    """A script of bench/ or tools/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
+    """A script of bench/, tools/ or tests/golden/ (not a package) as a module (its main(argv) runs the CLI in
+    this process)."""
+    module_name = f"{folder}_{name}".replace("/", "_")
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,21 +1,13 @@
 """bench/: the data-pipeline benchmark runs in smoke mode and edits only its own docs section (no timing asserted)."""
-import importlib.util
 import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import ROOT, load_script
 
 
 def test_data_pipeline_smoke_writes_its_section(tmp_path):
-    bench = _load("data_pipeline")
+    bench = load_script("bench", "data_pipeline")
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Training throughput\n\nkeep me\n\n## Data pipeline\n\nold\n\n## Memory\n\nme too\n")
     assert bench.main(["--smoke", "--sizes", "64", "--workdir", str(tmp_path / "work"), "--write", str(doc)]) == 0
@@ -30,7 +22,7 @@ def test_data_pipeline_smoke_writes_its_section(tmp_path):
 
 
 def test_annotation_memory_smoke_measures_both_starts_and_writes_its_section(tmp_path):
-    bench = _load("annotation_memory")
+    bench = load_script("bench", "annotation_memory")
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Data pipeline\n\nkeep me\n")
     out = tmp_path / "after.json"
@@ -79,7 +71,7 @@ def test_loader_speed_smoke_measures_the_trainers_loader(tmp_path):
     batches, and the table's workers-per-GPU column is the stated arithmetic on the measured per-worker rate."""
     import math
 
-    bench = _load("loader_speed")
+    bench = load_script("bench", "loader_speed")
     assert (bench.workers_needed(350, 100), bench.workers_needed(400, 100), bench.workers_needed(401, 100)) == (5, 5, 6)
     assert bench.workers_needed(1, 1000) == 1
     doc = tmp_path / "benchmarks.md"
@@ -108,7 +100,7 @@ def test_loader_speed_smoke_measures_the_trainers_loader(tmp_path):
 
 
 def test_startup_report_line_and_peak_reading():
-    bench = _load("startup")
+    bench = load_script("bench", "startup")
     line = ("2026-12-01 17:58:20 INFO start-up took 52.0 s: config 1.0 s, imports and set-up 2.7 s, distributed init "
             "0.1 s, model build/load 41.0 s, base fingerprint 5.7 s, datasets 0.1 s, DeepSpeed init 2.3 s\n")
     got = bench.parse_startup(line)
@@ -122,7 +114,7 @@ def test_startup_report_line_and_peak_reading():
 
 def test_startup_smoke_launches_the_engine_and_writes_its_section(tmp_path):
     """bench/startup.py --smoke: engine/train.py on the tiny model, stopped at its start-up report."""
-    bench = _load("startup")
+    bench = load_script("bench", "startup")
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Data pipeline\n\nkeep me\n")
     out = tmp_path / "r.json"

@@ -1,16 +1,13 @@
 """docs/: the recipe reference is the one the schema generates; the LAVIS migration guide covers every
 key a LAVIS recipe may carry that the engine accepts only with a warning."""
 import difflib
-import importlib.util
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_script
 
 
 def test_recipes_md_is_generated_from_the_current_schema():
-    spec = importlib.util.spec_from_file_location("gen_recipe_docs", os.path.join(ROOT, "tools", "gen_recipe_docs.py"))
-    gen_recipe_docs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_recipe_docs)
+    gen_recipe_docs = load_script("tools", "gen_recipe_docs")
 
     expected = gen_recipe_docs.render()
     with open(os.path.join(ROOT, "docs", "recipes.md"), encoding="utf-8") as f:

@@ -3,7 +3,6 @@
 Two training runs are shared by the whole module: ZeRO-2 on one rank (bf16, frozen ViT) and ZeRO-3 on
 two ranks (fp32, LoRA on the LLM).
 """
-import importlib.util
 import json
 import os
 import re
@@ -16,17 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import ROOT, TINY, run_train, tiny_options
+from helpers import ROOT, TINY, load_script, run_train, tiny_options
 
 from engine.config import load_yaml, parse_recipe
-
-
-def tool(name):
-    """Import tools/<name>.py as a module (its main(argv) runs the CLI in this process)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_recipe(*options):
@@ -79,7 +70,7 @@ def zero3_lora_run(tmp_path_factory):
 def zero2_export(zero2_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "zero2"
     # The run folder resolves to the checkpoint `latest` names.
-    assert tool("export_hf").main([str(zero2_run), str(out)]) == 0
+    assert load_script("tools", "export_hf").main([str(zero2_run), str(out)]) == 0
     return out
 
 
@@ -147,7 +138,7 @@ def test_export_zero2_loads_in_transformers_with_the_engines_logits(zero2_run, z
 
     # Never into a non-empty folder without --force.
     capsys.readouterr()
-    assert tool("export_hf").main([str(ckpt), str(out)]) == 2
+    assert load_script("tools", "export_hf").main([str(ckpt), str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "model.safetensors").is_file()
 
 
@@ -167,7 +158,7 @@ def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, 
     expected = logits(adapter_model.hf, image, inputs)
 
     merged = tmp_path / "merged"
-    assert tool("export_hf").main([str(ckpt), str(merged)]) == 0
+    assert load_script("tools", "export_hf").main([str(ckpt), str(merged)]) == 0
     info = json.loads((merged / "export_info.json").read_text())
     assert info["lora"] == {"parts": ["llm"], "merged_layers": 4}
     assert info["parts"]["llm"]["trained"] is False and info["parts"]["lora"]["trained"] is True
@@ -178,7 +169,7 @@ def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, 
 
     # --keep-adapter: base weights + a peft folder that PeftModel.from_pretrained loads.
     kept = tmp_path / "kept"
-    assert tool("export_hf").main([str(ckpt), str(kept), "--keep-adapter"]) == 0
+    assert load_script("tools", "export_hf").main([str(ckpt), str(kept), "--keep-adapter"]) == 0
     assert (kept / "adapter" / "adapter_config.json").is_file()
     base = Blip2ForConditionalGeneration.from_pretrained(kept, dtype=torch.float32)
     PeftModel.from_pretrained(base.language_model, kept / "adapter")  # injects the adapters in place
@@ -186,8 +177,8 @@ def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, 
 
     # merge_lora.py on that adapter folder (its recipe names the kept folder as base) and on the checkpoint.
     from_adapter, from_ckpt = tmp_path / "from_adapter", tmp_path / "from_ckpt"
-    assert tool("merge_lora").main([str(kept / "adapter"), str(from_adapter)]) == 0
-    assert tool("merge_lora").main([str(ckpt), str(from_ckpt)]) == 0
+    assert load_script("tools", "merge_lora").main([str(kept / "adapter"), str(from_adapter)]) == 0
+    assert load_script("tools", "merge_lora").main([str(ckpt), str(from_ckpt)]) == 0
     for folder in (from_adapter, from_ckpt):
         hf = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
         torch.testing.assert_close(logits(hf, image, inputs), expected, rtol=1e-5, atol=1e-5)
@@ -196,7 +187,7 @@ def test_export_zero3_two_ranks_lora_merged_kept_and_merge_tool(zero3_lora_run, 
     lone = tmp_path / "lone"
     save_lora_adapter(adapter_model, lone, recipe=recipe_dict)
     capsys.readouterr()
-    assert tool("merge_lora").main([str(lone), str(tmp_path / "nope")]) == 2
+    assert load_script("tools", "merge_lora").main([str(lone), str(tmp_path / "nope")]) == 2
     assert "ZeRO-3" in capsys.readouterr().err and not (tmp_path / "nope").exists()
 
     # When the trainer stores the adapter beside the checkpoint, it holds the consolidated fp32 weights.
@@ -294,7 +285,7 @@ def test_adapter_folder_merges_onto_the_recipes_seeded_base(tmp_path):
     save_lora_adapter(model, adapter, recipe=recipe.to_dict())
     assert (adapter / "qformer" / "adapter_config.json").is_file() and (adapter / "recipe.yaml").is_file()
     out = tmp_path / "merged"
-    assert tool("merge_lora").main([str(adapter), str(out)]) == 0
+    assert load_script("tools", "merge_lora").main([str(adapter), str(out)]) == 0
     info = json.loads((out / "export_info.json").read_text())
     assert info["merge"]["merged_layers"] == {"llm": 4, "qformer": 8}
     hf = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
@@ -374,7 +365,7 @@ def test_exported_folder_generates_as_the_engine_in_plain_transformers(arch, tmp
 
 
 def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, capsys):
-    export = tool("export_hf")
+    export = load_script("tools", "export_hf")
     src = latest_checkpoint(zero2_run)
     # Another arch in the recipe: every key difference is named.
     other = tmp_path / "other"
@@ -403,51 +394,8 @@ def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, ca
 # ----------------------------------------------------------------------------- LAVIS import
 
 
-def to_lavis(hf_state, family, instruct):
-    """transformers names -> LAVIS names (the inverse of the importer's mapping, written independently)."""
-    llm, proj = {"opt": ("opt_model", "opt_proj"), "t5": ("t5_model", "t5_proj"),
-                 "llama": ("llm_model", "llm_proj")}[family]
-    out = {}
-    for key, value in hf_state.items():
-        m = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.*)$", key)
-        if m:
-            i, rest = m.groups()
-            if rest == "self_attn.qkv.bias":
-                q, k, v = value.chunk(3)
-                assert not k.any()  # EVA has no key bias
-                out[f"visual_encoder.blocks.{i}.attn.q_bias"] = q.clone()
-                out[f"visual_encoder.blocks.{i}.attn.v_bias"] = v.clone()
-                continue
-            rest = (rest.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
-                    .replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv"))
-            out[f"visual_encoder.blocks.{i}.{rest}"] = value
-            continue
-        renames = {
-            "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
-            "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
-        }
-        if key in renames:
-            out[renames[key]] = value
-        elif key.startswith("vision_model.embeddings.patch_embedding."):
-            out["visual_encoder.patch_embed.proj." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("vision_model.post_layernorm."):
-            out["ln_vision." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("qformer.layernorm.") or key.startswith("qformer.embeddings.layernorm."):
-            out["Qformer.bert.embeddings.LayerNorm." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("qformer.embeddings."):
-            out["Qformer.bert." + key[len("qformer."):]] = value
-        elif key.startswith("qformer.encoder."):
-            rest = key[len("qformer."):].replace("attention.attention.", "attention.self.")
-            out["Qformer.bert." + rest] = value
-        elif key.startswith("language_projection."):
-            out[proj + key[len("language_projection"):]] = value
-        elif key.startswith("language_model."):
-            out[llm + key[len("language_model"):]] = value
-        elif key == "query_tokens":
-            out[key] = value
-        else:
-            raise AssertionError(f"no LAVIS name for {key}")
-    return out
+# transformers names -> LAVIS names: the inverse of the importer's mapping, written independently of it.
+to_lavis = load_script("tests/golden", "make_lavis_goldens").hf_to_lavis
 
 
 class NotATensor:
@@ -480,7 +428,7 @@ def test_import_lavis_round_trips_every_tensor(arch, tmp_path, capsys):
     pth = tmp_path / "checkpoint_3.pth"
     torch.save({"model": lavis, "config": {"model": {"prompt": "inference: "}}, "epoch": 3}, pth)
     out = tmp_path / "imported"
-    assert tool("import_lavis").main([str(pth), str(out), "--arch", arch, "--model_type", "tiny"]) == 0
+    assert load_script("tools", "import_lavis").main([str(pth), str(out), "--arch", arch, "--model_type", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "dropped  Qformer.bert.embeddings.position_ids" in printed and "UNMAPPED" not in printed
     hf = hf_class(source).from_pretrained(out, dtype=torch.float32)
@@ -508,7 +456,8 @@ def test_import_lavis_sherlock_style_partial_checkpoint_keeps_the_rest_from_base
     pth = tmp_path / "checkpoint_best.pth"
     torch.save({"model": partial}, pth)
     out = tmp_path / "imported"
-    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    import_lavis = load_script("tools", "import_lavis")
+    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "kept from base: vision" in printed and "kept from base: llm" in printed
     assert "dropped  Qformer.cls.predictions.bias" in printed
@@ -534,7 +483,8 @@ def test_import_lavis_t5_runner_checkpoint_keeps_the_bases_embeddings(tmp_path, 
     pth = tmp_path / "checkpoint_best.pth"
     torch.save({"model": partial}, pth)
     out = tmp_path / "imported"
-    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_t5", "--model_type", "tiny"]) == 0
+    import_lavis = load_script("tools", "import_lavis")
+    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_t5", "--model_type", "tiny"]) == 0
     assert "dropped  t5_model.encoder.embed_tokens.weight" in capsys.readouterr().out
     loaded = hf_class(build_vlm("blip2_t5", model_type="tiny")).from_pretrained(out, dtype=torch.float32).state_dict()
     for key in ("language_model.shared.weight", "language_model.lm_head.weight"):
@@ -554,7 +504,8 @@ def test_import_lavis_onto_a_base_with_a_resized_vocabulary(tmp_path, capsys):
     pth = tmp_path / "checkpoint_full.pth"
     torch.save({"model": lavis}, pth)
     out = tmp_path / "imported"
-    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    import_lavis = load_script("tools", "import_lavis")
+    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
     assert "resized  language_model.model.decoder.embed_tokens.weight" in capsys.readouterr().out
     loaded = hf_class(source).from_pretrained(out, dtype=torch.float32).state_dict()
     emb = loaded["language_model.model.decoder.embed_tokens.weight"]
@@ -584,7 +535,7 @@ def test_import_lavis_recipe_keeps_the_run(tmp_path):
     pth = tmp_path / "checkpoint_4.pth"
     torch.save({"model": lavis, "config": config}, pth)
     out = tmp_path / "imported"
-    assert tool("import_lavis").main([str(pth), str(out), "--arch", "blip2_vicuna_instruct",
+    assert load_script("tools", "import_lavis").main([str(pth), str(out), "--arch", "blip2_vicuna_instruct",
                                       "--model_type", "tiny"]) == 0
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["prompt"] == "a photo of "
@@ -607,7 +558,7 @@ def test_import_lavis_recipe_keeps_the_run(tmp_path):
     del lavis["visual_encoder.pos_embed"]  # a runner checkpoint of a frozen ViT has no position embeddings
     torch.save({"model": lavis, "config": config}, pth)
     out96 = tmp_path / "imported96"
-    assert tool("import_lavis").main([str(pth), str(out96), "--arch", "blip2_vicuna_instruct",
+    assert load_script("tools", "import_lavis").main([str(pth), str(out96), "--arch", "blip2_vicuna_instruct",
                                       "--model_type", "tiny"]) == 0
     assert yaml.safe_load((out96 / "recipe.yaml").read_text())["model"]["image_size"] == 96
     hf = hf_class(build_vlm("blip2_vicuna_instruct", model_type="tiny")).from_pretrained(out96)
@@ -617,7 +568,7 @@ def test_import_lavis_recipe_keeps_the_run(tmp_path):
 
 def test_import_lavis_refuses_unmapped_keys_pickled_objects_and_another_llm(tmp_path, capsys):
     lavis = to_lavis(trained_like("blip2_opt", seed=3).hf.state_dict(), "opt", False)
-    importer = tool("import_lavis")
+    importer = load_script("tools", "import_lavis")
     args = ["--arch", "blip2_opt", "--model_type", "tiny"]
 
     odd = tmp_path / "odd.pth"
@@ -646,7 +597,7 @@ def test_infer_prints_text_for_an_image_with_a_region(zero2_run, zero2_export, t
     picture.paste((200, 20, 20), (20, 30, 60, 70))
     path = tmp_path / "scene.png"
     picture.save(path)
-    infer = tool("infer")
+    infer = load_script("tools", "infer")
     for model in (zero2_export, latest_checkpoint(zero2_run)):
         capsys.readouterr()
         assert infer.main(["--model", str(model), "--image", str(path), "--region", "20,30,40,40",
@@ -708,15 +659,15 @@ def test_tools_take_the_latest_pointer_the_best_link_and_the_run_folder(zero2_ru
     real = (ckpts / tag).resolve()
     os.symlink(tag, ckpts / "best.test")  # a link like checkpoints/best
     try:
-        assert tool("export_hf").main([str(ckpts / "latest"), str(tmp_path / "via_latest")]) == 0
+        assert load_script("tools", "export_hf").main([str(ckpts / "latest"), str(tmp_path / "via_latest")]) == 0
         out = capsys.readouterr().out
         assert f"checkpoint {ckpts / 'latest'} -> {real} (the checkpoint 'latest' names)" in out
         assert json.loads((tmp_path / "via_latest" / "export_info.json").read_text())["source_checkpoint"] == str(real)
-        assert tool("merge_lora").main([str(zero2_run), str(tmp_path / "via_run")]) == 0
+        assert load_script("tools", "merge_lora").main([str(zero2_run), str(tmp_path / "via_run")]) == 0
         assert f"checkpoint {zero2_run} -> {real}" in capsys.readouterr().out
         assert load_file(tmp_path / "via_run" / "model.safetensors").keys() == \
             load_file(tmp_path / "via_latest" / "model.safetensors").keys()
-        universal = tool("to_universal")
+        universal = load_script("tools", "to_universal")
         assert universal.main([str(ckpts / "best.test")]) == 0
         assert f"-> {real} ('best.test' links to it)" in capsys.readouterr().out
         assert (real / "universal").is_dir()

@@ -1,6 +1,5 @@
 """What a new user meets in the first hour: unsetting keys from the command line, pointing the tools at a
 run's checkpoints, and the start-up report."""
-import importlib.util
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from engine.config import ConfigError, load_recipe
 from engine.data import DatasetError, make_tiny_sherlock
 from engine.data.synthetic import OWNER_MARK, SPEC_FILE, TOP_DIRS
 
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, load_script
 
 
 def _real_looking(root, n_train=12):
@@ -119,9 +118,7 @@ def test_evaluate_takes_the_latest_pointer_and_says_what_it_resolved(tmp_path, c
     ck = tmp_path / "run" / "checkpoints"
     s8 = _ckpt(ck, "step8", 8)
     (ck / "latest").write_text("step8")
-    spec = importlib.util.spec_from_file_location("tool_evaluate", os.path.join(ROOT, "tools", "evaluate.py"))
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("tools", "evaluate")
     assert evaluate.checkpoint_options(str(ck / "latest")) == [f"run.resume_ckpt_path={s8.resolve()}"]
     assert f"-> {s8.resolve()}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a checkpoint of this engine.*nor is it an exported"):

@@ -9,18 +9,15 @@ before training, and the runner checkpoint LAVIS wrote after a few training step
 parts, plus the tied-embedding copies LAVIS's runner keeps) imported onto the first, against LAVIS's
 numbers after training.
 """
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
-_spec = importlib.util.spec_from_file_location("make_lavis_goldens", os.path.join(GOLDEN, "make_lavis_goldens.py"))
-goldens = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(goldens)
+from helpers import ROOT, load_script
+
+goldens = load_script("tests/golden", "make_lavis_goldens")
 
 ARCHS = list(goldens.ARCHS)
 # The LLM dtype LAVIS runs in, which its runner files keep for the tied copies.
@@ -29,10 +26,7 @@ ALIAS_DTYPE = {"blip2_opt": torch.float16, "blip2_t5": torch.bfloat16, "blip2_t5
 
 
 def import_lavis(argv):
-    spec = importlib.util.spec_from_file_location("import_lavis", os.path.join(ROOT, "tools", "import_lavis.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(argv) == 0
+    assert load_script("tools", "import_lavis").main(argv) == 0
 
 
 def record_of(arch):

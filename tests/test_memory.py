@@ -25,8 +25,7 @@ from engine.memory import (
 )
 from engine.registry import MODELS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "recipes", "tiny_sherlock.yaml")
+from helpers import ROOT, TINY, load_script
 
 
 def recipe(name, *options):
@@ -198,13 +197,9 @@ def test_every_recipe_names_its_ds_config_and_planner_peak():
 
 
 def test_gpu_benchmark_says_it_needs_a_gpu(capsys):
-    import importlib.util
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: bench/gpu_memory.py would run for real")
-    spec = importlib.util.spec_from_file_location("gpu_memory", os.path.join(ROOT, "bench", "gpu_memory.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench", "gpu_memory")
     assert bench.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 

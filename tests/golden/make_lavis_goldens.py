@@ -56,6 +56,13 @@ SEED = 0  # the engine's tiny models are built with this seed
 # before every caption, the model masks and generates from its own prompt "a photo of". The others as
 # LAVIS's instruction models: a prompt (text_input) and a target (text_output). Long strings exercise
 # truncation (max_txt_len, max_output_txt_len) and lengths LAVIS's caption settings.
+# The two InstructBLIP archs share theirs: LAVIS's instruction-tuned prompt and output lengths, the same samples.
+_INSTRUCT = dict(
+    model_prompt="", text_prompt=None, max_txt_len=12, max_output_txt_len=10,
+    prompts=["describe the image in detail.",
+             "what can you infer from the highlighted region of the image? write a short description."],
+    targets=["a red circle", "the person is probably going to work because he wears a suit today"],
+    run=dict(num_beams=5, max_len=30, min_len=8))
 SETUPS: Dict[str, Dict[str, Any]] = {
     "blip2_opt": dict(
         model_prompt="a photo of", text_prompt="a photo of ", max_txt_len=32,
@@ -69,18 +76,8 @@ SETUPS: Dict[str, Dict[str, Any]] = {
         prompts=["what is in the picture?", "question: what is the man doing? answer:"],
         targets=["a red circle near the tree", "he is cooking dinner for his family"],
         run=dict(num_beams=5, max_len=30, min_len=8)),
-    "blip2_vicuna_instruct": dict(
-        model_prompt="", text_prompt=None, max_txt_len=12, max_output_txt_len=10,
-        prompts=["describe the image in detail.",
-                 "what can you infer from the highlighted region of the image? write a short description."],
-        targets=["a red circle", "the person is probably going to work because he wears a suit today"],
-        run=dict(num_beams=5, max_len=30, min_len=8)),
-    "blip2_t5_instruct": dict(
-        model_prompt="", text_prompt=None, max_txt_len=12, max_output_txt_len=10,
-        prompts=["describe the image in detail.",
-                 "what can you infer from the highlighted region of the image? write a short description."],
-        targets=["a red circle", "the person is probably going to work because he wears a suit today"],
-        run=dict(num_beams=5, max_len=30, min_len=8)),
+    "blip2_vicuna_instruct": _INSTRUCT,
+    "blip2_t5_instruct": _INSTRUCT,
 }
 TRAIN_STEPS, TRAIN_LR = 3, 1e-3
 _FAMILY = {"blip2_opt": "opt", "blip2_t5": "t5", "blip2_vicuna_instruct": "llama", "blip2_t5_instruct": "t5"}
@@ -103,7 +100,8 @@ def make_images() -> torch.Tensor:
 
 # ----------------------------------------------------------------- engine side (project environment)
 def hf_to_lavis(state: Dict[str, torch.Tensor], family: str, instruct: bool) -> Dict[str, torch.Tensor]:
-    """transformers BLIP-2 names -> LAVIS names (the inverse of engine.lavis's mapping)."""
+    """transformers BLIP-2 names -> LAVIS names (the inverse of the importer's mapping, written independently
+    of it; tests/test_export.py uses it too)."""
     model_prefix, proj_prefix = _LLM[family]
     out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -112,8 +110,9 @@ def hf_to_lavis(state: Dict[str, torch.Tensor], family: str, instruct: bool) -> 
             layer, rest = m.groups()
             base = f"visual_encoder.blocks.{layer}."
             if rest == "self_attn.qkv.bias":
-                third = value.shape[0] // 3
-                out[base + "attn.q_bias"], out[base + "attn.v_bias"] = value[:third].clone(), value[2 * third:].clone()
+                q, k, v = value.chunk(3)
+                assert not k.any(), f"{key}: EVA's attention has no key bias, this one is not zero"
+                out[base + "attn.q_bias"], out[base + "attn.v_bias"] = q.clone(), v.clone()
             else:
                 rest = (rest.replace("layer_norm", "norm").replace("self_attn.projection", "attn.proj")
                         .replace("self_attn.qkv", "attn.qkv"))
