@@ -245,8 +245,7 @@ def run(args) -> int:
         # global batch, hence the schedule, kept) when a real step would not fit.
         with clock.stage("micro batch check"):
             if check_micro_batch(engine, recipe, world, device_memory_gb(), zero_stage(ds_config), logger.info):
-                micro = micro_batches_per_epoch(len(datasets[r.train_splits[0]]), world, r.batch_size_train,
-                                                r.accum_grad_iters)
+                micro = micro_batches_per_epoch(train_len, world, r.batch_size_train, r.accum_grad_iters)
                 if rank == 0:
                     save_resolved(recipe, os.path.join(r.output_dir, "config.yaml"))
     with clock.stage("DeepSpeed init"):

@@ -94,7 +94,8 @@ def check_micro_batch(engine, recipe: Recipe, world: int, gpu_mem_gb: Optional[f
     per_rank = r.batch_size_train * r.accum_grad_iters
     candidates = [b for b in range(r.batch_size_train, 0, -1) if per_rank % b == 0]
     budget = (gpu_mem_gb or 0.0) * GIB
-    extra: List[int] = []  # the plan's step extras do not depend on the micro batch: computed once
+    # What a step adds does not depend on the micro batch; only a CUDA peak is compared with the budget.
+    extra = step_extra_bytes(recipe, world, gpu_mem_gb) if device.type == "cuda" else 0
 
     def fits(b: int) -> Tuple[bool, str]:
         was_training = model.training
@@ -110,9 +111,7 @@ def check_micro_batch(engine, recipe: Recipe, world: int, gpu_mem_gb: Optional[f
                 torch.cuda.empty_cache()
         if peak is None:
             return True, "ran"
-        if not extra:
-            extra.append(step_extra_bytes(recipe, world, gpu_mem_gb))
-        need = peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GB * GIB + extra[0]
+        need = peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GB * GIB + extra
         ok = need <= budget
         return ok, f"peak {peak / GIB:.2f} GiB, a step needs {need / GIB:.2f} of {budget / GIB:.2f} GiB"
 

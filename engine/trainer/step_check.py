@@ -85,11 +85,7 @@ def fused_offload_norm(opt, params) -> torch.Tensor:
             raise RuntimeError("a trainable parameter got no gradient (it was not used to compute the loss); set "
                                "zero_optimization.ignore_unused_parameters or make every trainable parameter "
                                "take part in the loss")
-    device = norms[0].device if norms else opt.device
-    total = (torch.stack(norms).double().pow(2).sum() if norms else torch.zeros((), device=device)).float()
-    total = total.reshape(1)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
-    norm = total[0].sqrt()
+    norm = _global_norm(opt, norms)
     return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0))
 
 
@@ -97,14 +93,23 @@ def fused_norm(opt, norm_type: int = 2) -> torch.Tensor:
     """The global L2 norm of the optimizer's gradient partitions, as DeepSpeed's ``scaled_global_norm`` computes
     it (each tensor's norm in fp64, summed in squares over the data-parallel group) with one multi-tensor
     kernel per group instead of a cast, a norm and a copy per gradient tensor. Non-finite stays non-finite."""
-    squares = []
+    norms = []
     for i in range(len(opt.bit16_groups)):
         grads = [g for g in (opt.averaged_gradients[i] or []) if not getattr(g, "_zero_padding", False)]
         if grads:
-            squares.append(torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float64)).pow(2).sum())
-    if squares:
-        total = torch.stack(squares).sum().float()
-    else:
-        total = torch.zeros((), dtype=torch.float32, device=opt.device)
+            norms.extend(torch._foreach_norm(grads, norm_type, dtype=torch.float64))
+    return _global_norm(opt, norms)
+
+
+def _global_norm(opt, norms) -> torch.Tensor:
+    """sqrt of the squares of this rank's per-tensor (fp64) norms, summed on the device and over the
+    data-parallel group: an fp32 scalar on the device. Non-finite stays non-finite."""
+    if norms:
+        total = torch.stack(norms).double().pow(2).sum().float()
+    else:  # nothing of this rank's partition trains: a zero on the device the group reduces on
+        # deepspeed loads here, not at import (see install); with CPU offload opt.device is the host.
+        from deepspeed.accelerator import get_accelerator
+
+        total = torch.zeros((), dtype=torch.float32, device=get_accelerator().current_device_name())
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
     return total.sqrt()
