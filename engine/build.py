@@ -18,6 +18,7 @@ from engine.config import Recipe
 from engine.data.check import Report, SplitSummary
 from engine.data.errors import WARNING_KINDS, BadRecord, DatasetError
 from engine.data.mixing import MixedDataset
+from engine.models.parts import cast_parameters
 from engine.models.zoo import checkpoint_image_size
 from engine.registry import DATASETS, MODELS, PROCESSORS, TASKS, load
 
@@ -64,9 +65,8 @@ def build_model(recipe: Recipe, dtype: Optional[torch.dtype] = None, device: Opt
         seed=recipe.run.seed,
         device=device,
     )
-    if drawn != want and not any(hasattr(p, "ds_id") for p in model.parameters()):
-        for p in model.parameters():  # parameters only, as DeepSpeed casts (see build_vlm)
-            p.data = p.data.to(want)
+    if drawn != want:
+        cast_parameters(model, want)
     if m.adapter:
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(f"model.adapter={m.adapter}: an adapter cannot be merged into a ZeRO-3-partitioned "

@@ -34,7 +34,7 @@ from engine.registry import close_matches
 from .attention import use_shared_bias_attention
 from .lora import apply_lora
 from .norms import use_lean_rms_norms
-from .parts import gathered, part_of
+from .parts import cast_parameters, gathered, part_of
 from .quant import quantization_config
 from .tokenizer import IMAGE_TOKEN, local_tokenizer
 from .wrapper import TextInputs, VisionLanguageModel, text_inputs_for, vit_image_size
@@ -314,9 +314,7 @@ def build_vlm(arch: str, *, model_type: str, pretrained: Optional[str] = None, f
             # Seeded tiny weights are drawn in fp32 on the host whatever `dtype` and `device` are, so a seed gives
             # the same weights in every precision and on every machine (tests, goldens and resume rely on it).
             hf = random_model(cls, config, torch.float32, seed)
-            if dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in hf.parameters()):
-                for p in hf.parameters():  # parameters only, as DeepSpeed casts: fp32 buffers (rotary) stay
-                    p.data = p.data.to(dtype)
+            cast_parameters(hf, dtype)
         else:
             # The real size is drawn directly in `dtype` on `device`: never a full fp32 copy, nor one on the host
             # when a GPU is given (a 7B model in fp32 is 28 GB per rank). Its weights depend on the seed, the

@@ -34,6 +34,17 @@ def gathered(params: List[nn.Parameter], modifier_rank: Optional[int] = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def cast_parameters(module: nn.Module, dtype) -> None:
+    """Cast ``module``'s parameters to ``dtype`` in place, as DeepSpeed casts a model: parameters only (fp32
+    buffers such as rotary tables stay); nothing when ZeRO-3 has partitioned them (they are cast there)."""
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        return
+    for p in params:
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def used_outside_its_module(module: nn.Module, param: nn.Parameter) -> None:
     """Tell ZeRO-3 that ``module``'s forward uses ``param``, which another module owns: it is gathered for that
     forward (DeepSpeed's register_external_parameter). Only with DeepSpeed loaded: without it nothing can
