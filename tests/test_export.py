@@ -398,6 +398,11 @@ def test_bad_checkpoints_say_what_was_expected_and_found(zero2_run, tmp_path, ca
 to_lavis = load_script("tests/golden", "make_lavis_goldens").hf_to_lavis
 
 
+def import_tiny(pth, out, arch):
+    """tools/import_lavis.py PTH OUT --arch ARCH --model_type tiny, in this process."""
+    assert load_script("tools", "import_lavis").main([str(pth), str(out), "--arch", arch, "--model_type", "tiny"]) == 0
+
+
 class NotATensor:
     """Stands for the OmegaConf or argparse objects some .pth files pickle."""
 
@@ -428,7 +433,7 @@ def test_import_lavis_round_trips_every_tensor(arch, tmp_path, capsys):
     pth = tmp_path / "checkpoint_3.pth"
     torch.save({"model": lavis, "config": {"model": {"prompt": "inference: "}}, "epoch": 3}, pth)
     out = tmp_path / "imported"
-    assert load_script("tools", "import_lavis").main([str(pth), str(out), "--arch", arch, "--model_type", "tiny"]) == 0
+    import_tiny(pth, out, arch)
     printed = capsys.readouterr().out
     assert "dropped  Qformer.bert.embeddings.position_ids" in printed and "UNMAPPED" not in printed
     hf = hf_class(source).from_pretrained(out, dtype=torch.float32)
@@ -456,8 +461,7 @@ def test_import_lavis_sherlock_style_partial_checkpoint_keeps_the_rest_from_base
     pth = tmp_path / "checkpoint_best.pth"
     torch.save({"model": partial}, pth)
     out = tmp_path / "imported"
-    import_lavis = load_script("tools", "import_lavis")
-    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    import_tiny(pth, out, "blip2_opt")
     printed = capsys.readouterr().out
     assert "kept from base: vision" in printed and "kept from base: llm" in printed
     assert "dropped  Qformer.cls.predictions.bias" in printed
@@ -483,8 +487,7 @@ def test_import_lavis_t5_runner_checkpoint_keeps_the_bases_embeddings(tmp_path, 
     pth = tmp_path / "checkpoint_best.pth"
     torch.save({"model": partial}, pth)
     out = tmp_path / "imported"
-    import_lavis = load_script("tools", "import_lavis")
-    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_t5", "--model_type", "tiny"]) == 0
+    import_tiny(pth, out, "blip2_t5")
     assert "dropped  t5_model.encoder.embed_tokens.weight" in capsys.readouterr().out
     loaded = hf_class(build_vlm("blip2_t5", model_type="tiny")).from_pretrained(out, dtype=torch.float32).state_dict()
     for key in ("language_model.shared.weight", "language_model.lm_head.weight"):
@@ -504,8 +507,7 @@ def test_import_lavis_onto_a_base_with_a_resized_vocabulary(tmp_path, capsys):
     pth = tmp_path / "checkpoint_full.pth"
     torch.save({"model": lavis}, pth)
     out = tmp_path / "imported"
-    import_lavis = load_script("tools", "import_lavis")
-    assert import_lavis.main([str(pth), str(out), "--arch", "blip2_opt", "--model_type", "tiny"]) == 0
+    import_tiny(pth, out, "blip2_opt")
     assert "resized  language_model.model.decoder.embed_tokens.weight" in capsys.readouterr().out
     loaded = hf_class(source).from_pretrained(out, dtype=torch.float32).state_dict()
     emb = loaded["language_model.model.decoder.embed_tokens.weight"]
@@ -535,8 +537,7 @@ def test_import_lavis_recipe_keeps_the_run(tmp_path):
     pth = tmp_path / "checkpoint_4.pth"
     torch.save({"model": lavis, "config": config}, pth)
     out = tmp_path / "imported"
-    assert load_script("tools", "import_lavis").main([str(pth), str(out), "--arch", "blip2_vicuna_instruct",
-                                      "--model_type", "tiny"]) == 0
+    import_tiny(pth, out, "blip2_vicuna_instruct")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["prompt"] == "a photo of "
     assert recipe["model"]["max_txt_len"] == 24 and recipe["model"]["max_output_txt_len"] == 40
@@ -558,8 +559,7 @@ def test_import_lavis_recipe_keeps_the_run(tmp_path):
     del lavis["visual_encoder.pos_embed"]  # a runner checkpoint of a frozen ViT has no position embeddings
     torch.save({"model": lavis, "config": config}, pth)
     out96 = tmp_path / "imported96"
-    assert load_script("tools", "import_lavis").main([str(pth), str(out96), "--arch", "blip2_vicuna_instruct",
-                                      "--model_type", "tiny"]) == 0
+    import_tiny(pth, out96, "blip2_vicuna_instruct")
     assert yaml.safe_load((out96 / "recipe.yaml").read_text())["model"]["image_size"] == 96
     hf = hf_class(build_vlm("blip2_vicuna_instruct", model_type="tiny")).from_pretrained(out96)
     assert hf.config.vision_config.image_size == 96
